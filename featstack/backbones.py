@@ -1,0 +1,270 @@
+"""Registry of frozen ImageNet backbones: each entry's constructor, input size, preprocessing and width side by side."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import FeatstackError
+from .paths import safe_name
+
+PREPROCESS_MODES = ("tf", "caffe", "torch", "none")
+POOLINGS = ("avg", "max")
+TTAS = ("none", "flip")
+PRECISIONS = ("float32", "bf16")
+MODEL_FILE_SUFFIXES = (".keras", ".h5")
+
+
+def _mobilenet_v2_file(size: int) -> str:
+    rows = size if size in (96, 128, 160, 192, 224) else 224  # the sizes Keras publishes weights for
+    return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """The preprocessing facts of one keras.applications model, beside its constructor."""
+
+    constructor: str
+    input_size: int
+    preprocess: str
+    width: int
+    weights_file: Callable[[int], str]
+    min_size: int = 32
+
+
+def _notop(stem: str) -> Callable[[int], str]:
+    return lambda size: f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+REGISTRY: dict[str, BackboneSpec] = {
+    "xception": BackboneSpec("Xception", 299, "tf", 2048, _notop("xception"), min_size=71),
+    "inception_v3": BackboneSpec("InceptionV3", 299, "tf", 2048, _notop("inception_v3"), min_size=75),
+    "resnet50": BackboneSpec("ResNet50", 224, "caffe", 2048, _notop("resnet50")),
+    "vgg16": BackboneSpec("VGG16", 224, "caffe", 512, _notop("vgg16")),
+    "mobilenet_v2": BackboneSpec("MobileNetV2", 224, "tf", 1280, _mobilenet_v2_file),
+    "inception_resnet_v2": BackboneSpec("InceptionResNetV2", 299, "tf", 1536, _notop("inception_resnet_v2"), min_size=75),
+    "efficientnet_b0": BackboneSpec("EfficientNetB0", 224, "none", 1280, lambda size: "efficientnetb0_notop.h5"),
+}
+DEFAULT_BACKBONES = ("xception", "inception_v3", "resnet50", "vgg16")
+
+
+def keras_cache_dir() -> Path:
+    """Where keras.utils.get_file keeps downloaded weights (cache_subdir="models")."""
+    return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def preprocess(x: np.ndarray, mode: str) -> np.ndarray:
+    """keras.applications' preprocess_input for ``mode`` on a float32 batch it may overwrite."""
+    if mode == "none":
+        return x
+    from keras.applications import imagenet_utils
+    return imagenet_utils.preprocess_input(x, mode=mode)
+
+
+def is_model_file(name: str) -> bool:
+    return name.split(":")[0].lower().endswith(MODEL_FILE_SUFFIXES)
+
+
+@dataclass
+class Backbone:
+    """One backbone configuration, resolved to what makes its features: build it once, feed it uint8 batches."""
+
+    name: str
+    input_size: int
+    preprocess: str
+    pooling: str
+    tta: str
+    precision: str
+    weights: str  # imagenet | random | dir | file
+    weights_file: str | None = None  # the file the weights come from, when there is one
+    weights_sha256: str | None = None
+    seed: int = 0
+    model_path: str | None = None  # a user's saved Keras model
+    layer: str | None = None
+    width: int | None = None
+    model: object = field(default=None, repr=False)
+
+    @property
+    def spec(self) -> BackboneSpec | None:
+        return REGISTRY.get(self.name) if self.model_path is None else None
+
+    def identity(self) -> dict:
+        """Everything that changes the vectors; two configurations share a cache entry only if this is equal."""
+        import keras
+        ident = {"backbone": self.name, "input_size": self.input_size, "preprocess": self.preprocess,
+                 "pooling": self.pooling, "tta": self.tta, "precision": self.precision, "weights": self.weights}
+        if self.weights == "random":
+            ident["weights_seed"] = self.seed
+            ident["keras_backend"] = keras.backend.backend()  # each backend draws its own random numbers
+        elif self.weights == "imagenet":
+            ident["weights_file"] = Path(self.weights_file).name
+        else:
+            ident["weights_sha256"] = self.weights_sha256
+        if self.layer:
+            ident["layer"] = self.layer
+        return ident
+
+    @property
+    def entry(self) -> str:
+        """The cache entry's file stem: readable parts, then a digest of the whole identity."""
+        digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+        tag = {"random": f"random{self.seed}"}.get(self.weights, self.weights)
+        tta = "_flip" if self.tta == "flip" else ""
+        return f"{safe_name(self.name)}_{self.input_size}_{self.pooling}{tta}_{tag}_{digest}"
+
+    def attrs(self) -> dict:
+        """What the feature file records about how it was made."""
+        import keras
+        out = {**self.identity(), "keras_version": keras.__version__, "keras_backend": keras.backend.backend(),
+               "weights_file": self.weights_file or "", "weights_sha256": self.weights_sha256 or "",
+               "model_path": self.model_path or "", "width": int(self.width or 0)}
+        return out
+
+    def build(self) -> None:
+        """Construct the frozen model once (download or load weights here)."""
+        if self.model is not None:
+            return
+        import keras
+        policy = keras.config.dtype_policy()
+        if self.precision == "bf16":
+            keras.config.set_dtype_policy("mixed_bfloat16")
+        try:
+            self.model = self._load_model_file() if self.model_path else self._construct()
+        finally:
+            keras.config.set_dtype_policy(policy)
+        self.width = int(self.model.output_shape[-1])
+        if self.weights == "imagenet" and self.weights_sha256 is None:
+            self.weights_sha256 = sha256_of(self.weights_file)
+
+    def _construct(self):
+        import keras
+        constructor = getattr(keras.applications, self.spec.constructor)
+        kwargs = dict(include_top=False, input_shape=(self.input_size, self.input_size, 3), pooling=self.pooling)
+        if self.weights == "random":
+            keras.utils.set_random_seed(self.seed)
+            return constructor(weights=None, **kwargs)
+        if self.weights == "imagenet":
+            try:
+                return constructor(weights="imagenet", **kwargs)
+            except Exception as exc:
+                cause = str(exc).splitlines()[0][:200]
+                raise FeatstackError(
+                    f"ImageNet weights for {self.name} could not be had ({cause}). Put "
+                    f"{Path(self.weights_file).name} in {keras_cache_dir()} (Keras's cache) or in a folder passed "
+                    "with --weights DIR") from None
+        return constructor(weights=self.weights_file, **kwargs)
+
+    def _load_model_file(self):
+        import keras
+        try:
+            full = keras.models.load_model(self.model_path, compile=False)
+        except Exception as exc:
+            raise FeatstackError(f"backbone {self.model_path}: cannot load it as a Keras model ({str(exc)[:200]})") from None
+        if self.layer:
+            try:
+                layer = full.get_layer(self.layer)
+            except ValueError:
+                names = ", ".join(l.name for l in full.layers[-8:])
+                raise FeatstackError(f"backbone {self.model_path}: no layer {self.layer!r}; last layers: {names}") from None
+        else:
+            pools = [l for l in full.layers if type(l).__name__.startswith(("GlobalAveragePooling", "GlobalMaxPooling"))]
+            if not pools:
+                raise FeatstackError(f"backbone {self.model_path}: no global-pooling layer; name the feature layer "
+                                     "as PATH:LAYER_NAME")
+            layer = pools[-1]
+        model = keras.Model(full.inputs, layer.output)
+        shape = model.input_shape
+        if shape[1] is not None:
+            self.input_size = int(shape[1])
+        return model
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """float32 (n, width) features of a uint8 (n, s, s, 3) batch."""
+        n = len(images)
+        x = preprocess(images.astype(np.float32), self.preprocess)  # a fresh copy: preprocess_input works in place
+        if self.tta == "flip":
+            x = np.concatenate([x, x[:, :, ::-1]])
+        out = np.asarray(self.model.predict_on_batch(x), dtype=np.float32)
+        if self.tta == "flip":
+            out = (out[:n] + out[n:]) * 0.5  # flipped views are averaged, so the width stays that of the backbone
+        return out.reshape(n, -1)
+
+
+def resolve(names: list[str], *, weights: str = "imagenet", image_size: int | None = None, pooling: str = "avg",
+            tta: str = "none", preprocess_mode: str | None = None, precision: str = "float32",
+            seed: int = 0) -> list[Backbone]:
+    """Backbone configurations for command-line names; unknown names list the valid ones."""
+    for option, value, valid in (("--pooling", pooling, POOLINGS), ("--tta", tta, TTAS),
+                                 ("--precision", precision, PRECISIONS)):
+        if value not in valid:
+            raise FeatstackError(f"{option} {value}: choose one of {', '.join(valid)}")
+    if preprocess_mode is not None and preprocess_mode not in PREPROCESS_MODES[:3]:
+        raise FeatstackError(f"--preprocess {preprocess_mode}: choose one of tf, caffe, torch")
+    if not names:
+        raise FeatstackError("--backbones: name at least one backbone")
+    if len(set(names)) != len(names):
+        raise FeatstackError(f"--backbones {','.join(names)}: a backbone is named twice")
+    out = []
+    for name in names:
+        if is_model_file(name):
+            out.append(_model_file_backbone(name, image_size, pooling, tta, preprocess_mode, precision, seed))
+            continue
+        spec = REGISTRY.get(name)
+        if spec is None:
+            raise FeatstackError(f"--backbones: unknown backbone {name!r}; valid: {', '.join(REGISTRY)} "
+                                 "or a path to a .keras/.h5 model file")
+        size = image_size or spec.input_size
+        if size < spec.min_size:
+            raise FeatstackError(f"--image-size {size}: {name} needs at least {spec.min_size} px")
+        b = Backbone(name=name, input_size=size, preprocess=spec.preprocess, pooling=pooling, tta=tta,
+                     precision=precision, weights=weights, seed=seed, width=spec.width)
+        _resolve_weights(b, spec.weights_file(size))
+        out.append(b)
+    return out
+
+
+def _resolve_weights(b: Backbone, canonical: str) -> None:
+    if b.weights == "random":
+        return
+    if b.weights == "imagenet":
+        b.weights_file = str(keras_cache_dir() / canonical)
+        if Path(b.weights_file).is_file():
+            b.weights_sha256 = sha256_of(b.weights_file)
+        return
+    folder = Path(b.weights)
+    if not folder.is_dir():
+        raise FeatstackError(f"--weights {b.weights}: not imagenet, random, or an existing folder")
+    path = folder / canonical
+    if not path.is_file():
+        raise FeatstackError(f"--weights {folder}: no {canonical} there for {b.name}; put Keras's file of that name "
+                             f"in {folder} or in {keras_cache_dir()} and use --weights imagenet")
+    b.weights, b.weights_file, b.weights_sha256 = "dir", str(path.resolve()), sha256_of(path)
+
+
+def _model_file_backbone(name, image_size, pooling, tta, preprocess_mode, precision, seed) -> Backbone:
+    path, _, layer = name.partition(":")
+    if not Path(path).is_file():
+        raise FeatstackError(f"--backbones: model file {path} not found")
+    if preprocess_mode is None:
+        raise FeatstackError(f"--backbones {name}: a model-file backbone needs --preprocess tf|caffe|torch "
+                             "(the preprocessing it was trained with)")
+    stem = Path(path).stem + (f"-{layer}" if layer else "")
+    b = Backbone(name=stem, input_size=image_size or 224, preprocess=preprocess_mode, pooling=pooling, tta=tta,
+                 precision=precision, weights="file", weights_file=str(Path(path).resolve()),
+                 weights_sha256=sha256_of(path), seed=seed, model_path=str(Path(path).resolve()), layer=layer or None)
+    if image_size is None:
+        b.build()  # the input size comes from the model itself
+    return b

@@ -1,0 +1,21 @@
+"""Shared command-line plumbing: user errors become one line on stderr and a non-zero exit."""
+from __future__ import annotations
+
+import sys
+
+from .errors import FeatstackError
+
+
+def run_main(func, *args, **kwargs):
+    try:
+        return func(*args, **kwargs)
+    except FeatstackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: what was finished is kept; rerun to complete", file=sys.stderr)
+        sys.exit(130)
+
+
+def comma_list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None

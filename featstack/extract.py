@@ -1,0 +1,204 @@
+"""Extraction runner: canonical table -> decode each image once -> every backbone -> feature store."""
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from . import backbones as bb
+from .decode import decode_batch
+from .errors import FeatstackError
+from .layouts import read_layout
+from .paths import DEMO_DATA_DIR, DEMO_NAME, DatasetPaths
+from .split import resolve_split, write_atomic
+from .store import EntryWriter, writer_lock
+
+
+@dataclass
+class Job:
+    """One backbone configuration's share of the run: which ids it still needs and where they go."""
+
+    backbone: bb.Backbone
+    writer: EntryWriter
+    todo: set[str]
+    cached: int
+    seconds: float = 0.0
+    extracted: int = 0
+    stored: int = 0
+
+
+@dataclass
+class Summary:
+    paths: DatasetPaths
+    jobs: list[Job]
+    images: int
+    bad: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["id", "path", "reason"]))
+    seconds: float = 0.0
+
+
+def auto_batch_size() -> int:
+    try:
+        import keras
+        gpus = keras.distribution.list_devices("gpu")
+    except Exception:
+        gpus = []
+    return 128 if gpus else 32
+
+
+def decoded_batches(ids: list[str], paths: list[str], sizes: tuple[int, ...], batch_size: int,
+                    threads: int) -> Iterator[tuple[list[str], list[str], dict, list]]:
+    """Decoded batches in order, decoding up to ``threads + 1`` batches ahead of the consumer."""
+    starts = iter(range(0, len(ids), batch_size))
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="decode") as pool:
+        pending: deque = deque()
+
+        def submit():
+            start = next(starts, None)
+            if start is not None:
+                chunk = slice(start, start + batch_size)
+                pending.append((ids[chunk], paths[chunk], pool.submit(decode_batch, paths[chunk], sizes)))
+
+        for _ in range(max(1, threads) + 1):
+            submit()
+        while pending:
+            batch_ids, batch_paths, future = pending.popleft()
+            submit()
+            arrays, errors = future.result()
+            yield batch_ids, batch_paths, arrays, errors
+
+
+def run_jobs(jobs: list[Job], table: pd.DataFrame, *, batch_size: int, threads: int, progress: bool = True) -> pd.DataFrame:
+    """The local engine: only loops reader -> backbones -> writers. Returns the images that failed to decode."""
+    needed = set().union(*(j.todo for j in jobs)) if jobs else set()
+    todo = table[table["id"].isin(needed)]
+    sizes = tuple(sorted({j.backbone.input_size for j in jobs if j.todo}))
+    bad_rows = []
+    bar = tqdm(total=len(todo), unit="img", desc="extract", disable=not progress, smoothing=0.1)
+    for batch_ids, batch_paths, arrays, errors in decoded_batches(
+            todo["id"].tolist(), todo["path"].tolist(), sizes, batch_size, threads):
+        ok_ids = [i for i, e in zip(batch_ids, errors) if e is None]
+        bad_rows += [(i, p, e) for i, p, e in zip(batch_ids, batch_paths, errors) if e is not None]
+        for job in jobs:
+            rows = [k for k, i in enumerate(ok_ids) if i in job.todo]
+            if not rows:
+                continue
+            images = arrays[job.backbone.input_size]
+            images = images if len(rows) == len(ok_ids) else images[rows]
+            t0 = time.perf_counter()
+            feats = job.backbone.features(images)
+            job.seconds += time.perf_counter() - t0
+            job.writer.add([ok_ids[k] for k in rows], feats)
+            job.extracted += len(rows)
+        bar.update(len(batch_ids))
+    bar.close()
+    return pd.DataFrame(bad_rows, columns=["id", "path", "reason"])
+
+
+def plan_jobs(paths: DatasetPaths, backbones: list[bb.Backbone], ids: set[str], shard_rows: int) -> list[Job]:
+    jobs = []
+    for b in backbones:
+        writer = EntryWriter(paths, b.entry, {}, shard_rows=shard_rows)
+        done = writer.done_ids()
+        jobs.append(Job(b, writer, ids - done, cached=len(ids & done)))
+    return jobs
+
+
+def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: list[str] | None = None,
+            weights: str = "imagenet", preprocess: str | None = None, image_size: int | None = None,
+            pooling: str = "avg", tta: str = "none", features_dir: str | Path = "features", name: str | None = None,
+            holdout: float = 0.1, seed: int = 0, batch_size: int | str = 32, precision: str = "float32",
+            decode_threads: int | None = None, demo: bool = False, engine: str = "local",
+            ray_address: str | None = None, ray_options: dict | None = None, shard_rows: int = 1024,
+            progress: bool = True) -> Summary:
+    """Extract (or complete) the cached features of every image for every requested backbone."""
+    started = time.perf_counter()
+    if demo:
+        from .demo import write_demo
+        data = write_demo(Path(data) if data else DEMO_DATA_DIR)
+        name = name or DEMO_NAME
+        image_size = image_size or 96  # digits are 8x8: 96 px keeps the demo a few minutes on 2 cores
+    if data is None:
+        raise FeatstackError("--data: name the dataset folder (or use --demo)")
+    table, layout = read_layout(data, layout)
+    name = name or (Path(data).stem if Path(data).is_file() else Path(data).resolve().name)
+    paths = DatasetPaths.of(features_dir, name)
+    if batch_size == "auto":
+        batch_size = auto_batch_size()
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise FeatstackError(f"--batch-size {batch_size}: must be at least 1")
+    threads = decode_threads or os.cpu_count() or 1
+    resolved = bb.resolve(list(backbones or bb.DEFAULT_BACKBONES), weights=weights, image_size=image_size,
+                          pooling=pooling, tta=tta, preprocess_mode=preprocess, precision=precision, seed=seed)
+    with writer_lock(paths):
+        table = resolve_split(paths, table, holdout=holdout, seed=seed, layout=layout, data=Path(data))
+        ids = set(table["id"])
+        jobs = plan_jobs(paths, resolved, ids, shard_rows)
+        if demo and weights == "imagenet":
+            jobs = _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, pooling, tta, precision, seed)
+        for job in jobs:
+            if job.todo:
+                job.backbone.build()
+        active = [j for j in jobs if j.todo]
+        if engine == "ray":
+            from .ray_engine import run_jobs_ray
+            bad = run_jobs_ray(active, table, batch_size=batch_size, address=ray_address, options=ray_options or {},
+                               progress=progress)
+        elif engine == "local":
+            bad = run_jobs(active, table, batch_size=batch_size, threads=threads, progress=progress)
+        else:
+            raise FeatstackError(f"--engine {engine}: choose local or ray")
+        for job in jobs:
+            if job.backbone.model is None and job.writer.final.exists():
+                job.writer.attrs = _existing_attrs(job.writer.final)
+            else:
+                job.writer.attrs = {**job.backbone.attrs(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            job.stored = job.writer.merge()
+        if active:
+            write_atomic(paths.bad_images_csv, lambda p: bad.to_csv(p, index=False))
+    summary = Summary(paths, jobs, len(table), bad, time.perf_counter() - started)
+    print_summary(summary)
+    return summary
+
+
+def _existing_attrs(path: Path) -> dict:
+    from .store import read_attrs
+    return read_attrs(path)
+
+
+def _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, pooling, tta, precision, seed):
+    """The demo may not stop for want of ImageNet weights: it says so loudly and records seeded random weights."""
+    try:
+        for job in jobs:
+            if job.todo:
+                job.backbone.build()
+        return jobs
+    except FeatstackError as exc:
+        bar = "!" * 78
+        print(f"{bar}\nDEMO: ImageNet weights are not available here, so the demo goes on with SEEDED RANDOM\n"
+              f"weights (--weights random). Features and scores will be far below ImageNet ones.\n"
+              f"Reason: {exc}\n{bar}")
+        names = [b.model_path or b.name for b in resolved]
+        randoms = bb.resolve(names, weights="random", image_size=image_size, pooling=pooling, tta=tta,
+                             precision=precision, seed=seed)
+        return plan_jobs(paths, randoms, ids, shard_rows)
+
+
+def print_summary(summary: Summary) -> None:
+    print(f"\n{summary.paths.root}: {summary.images} images, {len(summary.bad)} bad "
+          f"(see {summary.paths.bad_images_csv.name})" if len(summary.bad) else
+          f"\n{summary.paths.root}: {summary.images} images, 0 bad")
+    print(f"{'backbone':<24}{'stored':>8}{'width':>7}{'new':>7}{'cached':>8}{'seconds':>9}{'img/s':>8}  file")
+    for j in summary.jobs:
+        rate = j.extracted / j.seconds if j.seconds else float("nan")
+        print(f"{j.backbone.name:<24}{j.stored:>8}{j.backbone.width or 0:>7}{j.extracted:>7}{j.cached:>8}"
+              f"{j.seconds:>9.1f}{rate:>8.1f}  {j.writer.final.name}")
+    print(f"total {summary.seconds:.1f} s")
