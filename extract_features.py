@@ -29,6 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--ray-actors", type=int, default=None, help="Ray: model actors (default: one per GPU or CPU slot)")
     p.add_argument("--ray-decode-cpus", type=float, default=1, help="Ray: CPUs per decode task (default 1)")
+    p.add_argument("--shard-rows", type=int, default=1024,
+                   help="rows per on-disk shard: the most a killed run loses (default 1024)")
     p.add_argument("--demo", action="store_true", help="write the embedded digits competition to data/demo and extract it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
@@ -43,7 +45,7 @@ def main(argv=None):
              features_dir=a.features_dir, name=a.name, holdout=a.holdout, seed=a.seed, batch_size=batch,
              precision=a.precision, decode_threads=a.decode_threads, demo=a.demo, engine=a.engine,
              ray_address=a.ray_address, ray_options={"actors": a.ray_actors, "decode_cpus": a.ray_decode_cpus},
-             progress=not a.no_progress)
+             shard_rows=a.shard_rows, progress=not a.no_progress)
 
 
 if __name__ == "__main__":

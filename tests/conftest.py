@@ -1,0 +1,105 @@
+"""Shared fixtures: tiny datasets of every layout, generated in tmp_path, and weight files made here."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def photo(seed: int, size=(120, 90)) -> Image.Image:
+    """A smooth, photo-like RGB image (gradients and a blob), different for every seed."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = rng.uniform(0, 255, 3)
+    grad = rng.uniform(-1.5, 1.5, (2, 3))
+    img = base + xx[..., None] * grad[0] + yy[..., None] * grad[1]
+    cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(10, 40)
+    blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None]
+    img = img * (1 - blob) + rng.uniform(0, 255, 3) * blob
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_images(folder: Path, names, start_seed=0, size=(120, 90)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(names):
+        photo(start_seed + k, size).save(folder / name, quality=90)
+
+
+@pytest.fixture
+def cats_dogs(tmp_path) -> Path:
+    data = tmp_path / "data" / "catsdogs"
+    write_images(data / "train", [f"{c}.{n}.jpg" for c in ("cat", "dog") for n in range(6)])
+    write_images(data / "test1", [f"{n}.jpg" for n in range(1, 5)], start_seed=100)
+    return data
+
+
+@pytest.fixture
+def dog_breed(tmp_path) -> Path:
+    data = tmp_path / "data" / "dogbreed"
+    breeds = ["beagle", "pug", "whippet"]
+    ids = [f"{k:04x}ab" for k in range(12)]
+    write_images(data / "train", [f"{i}.jpg" for i in ids])
+    (data / "labels.csv").write_text("id,breed\n" + "".join(f"{i},{breeds[k % 3]}\n" for k, i in enumerate(ids)))
+    test_ids = [f"t{k:03d}" for k in range(5)]
+    write_images(data / "test", [f"{i}.jpg" for i in test_ids], start_seed=50)
+    (data / "sample_submission.csv").write_text(
+        "id," + ",".join(breeds) + "\n" + "".join(f"{i}," + ",".join(["0.3333"] * 3) + "\n" for i in test_ids))
+    return data
+
+
+@pytest.fixture
+def folders(tmp_path) -> Path:
+    data = tmp_path / "data" / "stanford"
+    for k, cls in enumerate(["n02085620-Chihuahua", "n02085782-Japanese_spaniel"]):
+        write_images(data / "Images" / cls, [f"img{n}.jpg" for n in range(4)], start_seed=10 * k)
+    return data
+
+
+@pytest.fixture
+def manifest(tmp_path) -> Path:
+    data = tmp_path / "data" / "mine"
+    write_images(data / "pics", [f"p{n}.jpg" for n in range(8)])
+    rows = [f"pics/p{n}.jpg,{'a' if n % 2 else 'b'},{'test' if n >= 6 else 'train'}" for n in range(8)]
+    (data / "manifest.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    return data / "manifest.csv"
+
+
+def make_weights_dir(folder: Path, names, size: int) -> Path:
+    """Keras's canonical notop weight files for ``names``, from seeded random models, in legacy HDF5 format."""
+    import h5py
+    import keras
+    from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
+
+    from featstack.backbones import REGISTRY
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(names):
+        spec = REGISTRY[name]
+        keras.utils.set_random_seed(1000 + k)
+        model = getattr(keras.applications, spec.constructor)(
+            include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg")
+        with h5py.File(folder / spec.weights_file(size), "w") as f:
+            save_weights_to_hdf5_group(f, model)
+    return folder
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent (a user's clone has no such folder)")
+    return SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_keras_home(tmp_path_factory, monkeypatch):
+    # No test may read or fill the user's real ~/.keras weight cache.
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path_factory.getbasetemp() / "keras_home"))

@@ -1,0 +1,100 @@
+"""The registry's facts hold for every entry, and stored vectors equal the plain Keras recipe."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from featstack import backbones as bb
+from featstack.errors import FeatstackError
+from featstack.extract import extract
+from featstack.store import read_entry
+from conftest import make_weights_dir
+
+SIZE = 75
+
+
+@pytest.mark.parametrize("name", list(bb.REGISTRY))
+def test_registry_width_and_preprocess(name):
+    b = bb.resolve([name], weights="random", image_size=max(SIZE, bb.REGISTRY[name].min_size))[0]
+    b.build()
+    assert b.width == bb.REGISTRY[name].width
+    import keras
+    module = {"tf": "xception", "caffe": "resnet50", "none": "efficientnet"}[b.preprocess]
+    x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+    expected = getattr(keras.applications, module).preprocess_input(x.copy())
+    assert np.allclose(bb.preprocess(x.copy(), b.preprocess), expected)
+
+
+@pytest.mark.parametrize("names, kwargs, match", [
+    (["resnet5"], {}, r"unknown backbone 'resnet5'; valid: xception, inception_v3, resnet50, vgg16, mobilenet_v2"),
+    (["vgg16", "vgg16"], {}, "named twice"),
+    (["xception"], {"image_size": 64}, r"--image-size 64: xception needs at least 71 px"),
+    (["vgg16"], {"pooling": "mean"}, r"--pooling mean: choose one of avg, max"),
+    (["vgg16"], {"weights": "/no/such/dir"}, r"--weights /no/such/dir: not imagenet, random, or an existing folder"),
+    (["missing.keras"], {}, r"model file missing.keras not found"),
+])
+def test_bad_backbone_options(names, kwargs, match):
+    with pytest.raises(FeatstackError, match=match):
+        bb.resolve(names, **kwargs)
+
+
+def test_weights_dir_without_the_file_names_it(tmp_path):
+    with pytest.raises(FeatstackError, match=r"no resnet50_weights_tf_dim_ordering_tf_kernels_notop\.h5 there"):
+        bb.resolve(["resnet50"], weights=str(tmp_path))
+
+
+def test_imagenet_unavailable_names_file_and_places(monkeypatch):
+    import keras
+
+    def offline(*a, **k):
+        raise Exception("URL fetch failure: [Errno -2] Name or service not known")
+    monkeypatch.setattr(keras.src.utils.file_utils, "urlretrieve", offline)
+    b = bb.resolve(["vgg16"], weights="imagenet", image_size=SIZE)[0]
+    with pytest.raises(FeatstackError, match=r"vgg16_weights_tf_dim_ordering_tf_kernels_notop\.h5 in .*keras_home/models "
+                                             r"\(Keras's cache\) or in a folder passed with --weights DIR"):
+        b.build()
+
+
+def keras_reference(name, weights_file, paths, size):
+    """What a user would write by hand: load_img -> img_to_array -> preprocess_input -> Model(pooling='avg')."""
+    import keras
+    modules = {"xception": "xception", "inception_v3": "inception_v3", "resnet50": "resnet50", "vgg16": "vgg16"}
+    app = getattr(keras.applications, modules[name])
+    model = getattr(keras.applications, bb.REGISTRY[name].constructor)(
+        include_top=False, pooling="avg", weights=str(weights_file), input_shape=(size, size, 3))
+    x = np.stack([keras.utils.img_to_array(keras.utils.load_img(p, target_size=(size, size), interpolation="bilinear"))
+                  for p in paths])
+    return model.predict(app.preprocess_input(x), verbose=0)
+
+
+def test_reference_semantics_all_four_backbones(tmp_path, cats_dogs):
+    names = list(bb.DEFAULT_BACKBONES)
+    wdir = make_weights_dir(tmp_path / "weights", names, SIZE)
+    summary = extract(cats_dogs, backbones=names, weights=str(wdir), image_size=SIZE,
+                      features_dir=tmp_path / "features", batch_size=5, progress=False)
+    table = pd.read_csv(summary.paths.split_csv, dtype=str)
+    paths = {i: str(cats_dogs / ("test1" if s == "test" else "train") / f"{i}.jpg") for i, s in zip(table.id, table.split)}
+    for job in summary.jobs:
+        entry = read_entry(job.writer.final)
+        assert entry.attrs["weights"] == "dir" and len(entry.attrs["weights_sha256"]) == 64
+        ref = keras_reference(job.backbone.name, job.backbone.weights_file, [paths[i] for i in entry.ids], SIZE)
+        err = np.linalg.norm(entry.features - ref, axis=1) / np.linalg.norm(ref, axis=1)
+        assert err.max() <= 1e-4, (job.backbone.name, err.max())
+
+
+def test_model_file_backbone_uses_its_pooling_layer(tmp_path, cats_dogs):
+    import keras
+    keras.utils.set_random_seed(3)
+    base = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(64, 64, 3), pooling="avg")
+    head = keras.layers.Dense(2, activation="softmax", name="head")(base.output)
+    model = keras.Model(base.input, head)
+    path = tmp_path / "finetuned.keras"
+    model.save(path)
+    with pytest.raises(FeatstackError, match="needs --preprocess"):
+        bb.resolve([str(path)])
+    summary = extract(cats_dogs, backbones=[str(path)], preprocess="tf", features_dir=tmp_path / "f", progress=False)
+    entry = read_entry(summary.jobs[0].writer.final)
+    assert entry.features.shape == (16, 1280) and entry.attrs["input_size"] == 64
+    img = keras.utils.img_to_array(keras.utils.load_img(cats_dogs / "train" / f"{entry.ids[0]}.jpg",
+                                                        target_size=(64, 64), interpolation="bilinear"))
+    ref = base.predict(keras.applications.mobilenet_v2.preprocess_input(img[None]), verbose=0)[0]
+    assert np.linalg.norm(entry.features[0] - ref) / np.linalg.norm(ref) < 1e-4

@@ -1,0 +1,160 @@
+"""End to end extraction: every image once, cached, incremental, resumable after kill -9, one writer, bad input kept."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+from filelock import FileLock
+
+from featstack.errors import FeatstackError
+from featstack.extract import extract
+from featstack.paths import DatasetPaths
+from featstack.store import read_entry
+from conftest import ROOT, write_images
+
+FAST = dict(backbones=["resnet50"], weights="random", image_size=75, progress=False)
+
+
+def cli(*args, check=True):
+    proc = subprocess.run([sys.executable, str(ROOT / "extract_features.py"), *map(str, args), "--no-progress"],
+                          capture_output=True, text=True, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr[-2000:])
+    return proc
+
+
+def entry_of(summary, k=0):
+    return read_entry(summary.jobs[k].writer.final)
+
+
+def test_every_image_once_then_from_cache(tmp_path, cats_dogs):
+    first = extract(cats_dogs, features_dir=tmp_path, backbones=["resnet50", "vgg16"], weights="random",
+                    image_size=75, progress=False)
+    assert [j.extracted for j in first.jobs] == [16, 16]
+    split = pd.read_csv(first.paths.split_csv, dtype=str)
+    assert sorted(split.id) == sorted(entry_of(first).ids) == sorted(entry_of(first, 1).ids)
+    assert set(split.split) == {"train", "holdout", "test"}
+    again = extract(cats_dogs, features_dir=tmp_path, backbones=["resnet50", "vgg16"], weights="random",
+                    image_size=75, progress=False)
+    assert [j.extracted for j in again.jobs] == [0, 0] and [j.cached for j in again.jobs] == [16, 16]
+    assert all(j.backbone.model is None for j in again.jobs), "a fully cached rerun must not build models"
+    assert np.array_equal(entry_of(again).features, entry_of(first).features)
+
+
+def test_other_configuration_is_a_new_entry(tmp_path, cats_dogs):
+    a = extract(cats_dogs, features_dir=tmp_path, **FAST)
+    b = extract(cats_dogs, features_dir=tmp_path, **{**FAST, "pooling": "max"})
+    c = extract(cats_dogs, features_dir=tmp_path, **{**FAST, "tta": "flip"})
+    files = {j.writer.final for s in (a, b, c) for j in s.jobs}
+    assert len(files) == 3 and all(f.exists() for f in files)
+    assert entry_of(b).attrs["pooling"] == "max" and entry_of(c).attrs["tta"] == "flip"
+    assert not np.allclose(entry_of(a).features, entry_of(c).features)
+
+
+def test_incremental_append_keeps_split(tmp_path, cats_dogs):
+    first = extract(cats_dogs, features_dir=tmp_path, **FAST)
+    split_before = pd.read_csv(first.paths.split_csv, dtype=str)
+    write_images(cats_dogs / "train", ["cat.6.jpg", "dog.6.jpg"], start_seed=77)
+    second = extract(cats_dogs, features_dir=tmp_path, **FAST)
+    assert second.jobs[0].extracted == 2 and second.jobs[0].cached == 16
+    entry = entry_of(second)
+    assert len(entry.ids) == 18 and {"cat.6", "dog.6"} <= set(entry.ids)
+    split_after = pd.read_csv(first.paths.split_csv, dtype=str)
+    assert split_after.iloc[:16].equals(split_before)
+    fresh = extract(cats_dogs, features_dir=tmp_path / "fresh", **FAST)
+    order = {i: k for k, i in enumerate(entry_of(fresh).ids)}
+    np.testing.assert_allclose(entry.features, entry_of(fresh).features[[order[i] for i in entry.ids]], rtol=1e-5, atol=1e-6)
+
+
+def test_other_split_is_refused(tmp_path, cats_dogs):
+    extract(cats_dogs, features_dir=tmp_path, **FAST)
+    with pytest.raises(FeatstackError, match=r"made with --holdout 0.1 --seed 0; this run asks for --holdout 0.2"):
+        extract(cats_dogs, features_dir=tmp_path, holdout=0.2, **FAST)
+
+
+def test_bad_images_are_reported_not_fatal(tmp_path, cats_dogs):
+    (cats_dogs / "train" / "cat.7.jpg").write_bytes(b"")
+    (cats_dogs / "train" / "dog.7.jpg").write_text("not an image at all")
+    proc = cli("--data", cats_dogs, "--features-dir", tmp_path, "--backbones", "resnet50", "--weights", "random",
+               "--image-size", 75)
+    assert "2 bad" in proc.stdout
+    bad = pd.read_csv(DatasetPaths.of(tmp_path, "catsdogs").bad_images_csv)
+    assert sorted(bad.id) == ["cat.7", "dog.7"] and bad.reason.str.len().min() > 5
+    entry = read_entry(next(DatasetPaths.of(tmp_path, "catsdogs").root.glob("*.h5")))
+    assert len(entry.ids) == 16
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--data", "{tmp}/nowhere"], "--data .*nowhere: no such file or folder"),
+    (["--data", "{data}", "--backbones", "nope"], "unknown backbone 'nope'"),
+    (["--data", "{data}", "--layout", "zip"], "--layout zip: unknown"),
+    (["--data", "{data}", "--weights", "{tmp}"], "no resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 there"),
+])
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path, cats_dogs, args, match):
+    args = [a.format(tmp=tmp_path, data=cats_dogs) for a in args]
+    if "--backbones" not in args:
+        args += ["--backbones", "resnet50"]
+    proc = cli(*args, "--features-dir", tmp_path / "f", check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: ") and __import__("re").search(match, err), err
+    assert not list((tmp_path / "f").rglob("*.h5"))
+
+
+def test_second_writer_fails_at_once(tmp_path, cats_dogs):
+    paths = DatasetPaths.of(tmp_path, "catsdogs")
+    paths.root.mkdir(parents=True)
+    with FileLock(str(paths.lock_file)):
+        proc = cli("--data", cats_dogs, "--features-dir", tmp_path, "--backbones", "resnet50", "--weights",
+                   "random", "--image-size", 75, check=False)
+    assert proc.returncode == 2 and "being written by another extract_features.py run" in proc.stderr
+
+
+def test_kill_9_then_resume_gives_uninterrupted_features(tmp_path):
+    data = tmp_path / "data" / "big"
+    write_images(data / "train", [f"{c}.{n}.jpg" for c in ("cat", "dog") for n in range(100)])
+    args = ["--data", data, "--backbones", "resnet50,vgg16", "--weights", "random", "--image-size", 75,
+            "--batch-size", 4, "--shard-rows", 4]
+    paths = DatasetPaths.of(tmp_path / "killed", "big")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "extract_features.py"), *map(str, args), "--no-progress",
+                             "--features-dir", str(tmp_path / "killed")], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(paths.root.glob(".shards/*/*.h5"))) < 2:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    shards = list(paths.root.glob(".shards/*/*.h5"))
+    assert shards and not list(paths.root.glob("*.h5")), "killed before the merge: only shards exist"
+    cli(*args, "--features-dir", tmp_path / "killed")
+    cli(*args, "--features-dir", tmp_path / "clean")
+    for killed in sorted(paths.root.glob("*.h5")):
+        a = read_entry(killed)
+        b = read_entry(tmp_path / "clean" / "big" / killed.name)
+        assert sorted(a.ids) == sorted(b.ids) and len(a.ids) == 200
+        order = {i: k for k, i in enumerate(b.ids)}
+        np.testing.assert_allclose(a.features, b.features[[order[i] for i in a.ids]], rtol=1e-5, atol=1e-6)
+    assert not list(paths.root.glob(".shards/*/*")), "shards are merged and removed"
+
+
+def test_every_layout_extracts(tmp_path, dog_breed, folders, manifest):
+    for data in (dog_breed, folders, manifest):
+        s = extract(data, features_dir=tmp_path, holdout=0, **FAST)
+        assert len(entry_of(s).ids) == s.images
+
+
+def test_real_kaggle_photos(tmp_path, shared_data):
+    data = shared_data / "dogs-vs-cats-sample"
+    s = extract(data, features_dir=tmp_path, backbones=["resnet50"], weights="random", image_size=75,
+                batch_size=64, progress=False)
+    entry = entry_of(s)
+    assert len(entry.ids) == 800 and len(s.bad) == 0
+    split = pd.read_csv(s.paths.split_csv, dtype=str)
+    assert split.split.value_counts().to_dict() == {"train": 540, "test": 200, "holdout": 60}
+    assert split[split.split == "holdout"].label.value_counts().to_dict() == {"cat": 30, "dog": 30}
+    assert np.isfinite(entry.features).all() and entry.features.std(axis=0).mean() > 0
