@@ -96,7 +96,7 @@ def read_split(paths: DatasetPaths) -> pd.DataFrame:
     if not paths.split_csv.exists():
         raise FeatstackError(f"{paths.split_csv} not found; run extract_features.py for this dataset first")
     split = pd.read_csv(paths.split_csv, dtype=str, keep_default_na=False)
-    split["label"] = split["label"].replace("", None)
+    split["label"] = pd.Series([l or None for l in split["label"]], index=split.index, dtype=object)
     return split
 
 

@@ -1,0 +1,117 @@
+"""Holdout and CV reports: Kaggle log loss, accuracy, top-5, per-class scores, confusion matrix and confused pairs."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import (accuracy_score, classification_report, confusion_matrix, precision_recall_fscore_support,
+                             top_k_accuracy_score)
+
+EPS = 1e-15
+
+
+def kaggle_log_loss(y: np.ndarray, proba: np.ndarray) -> float:
+    """Multi-class log loss as Kaggle scores it: rows renormalised, then clipped to [1e-15, 1 - 1e-15]."""
+    p = proba / proba.sum(axis=1, keepdims=True)
+    p = np.clip(p, EPS, 1 - EPS)
+    return float(-np.mean(np.log(p[np.arange(len(y)), y])))
+
+
+def scores(y: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
+    labels = np.arange(len(classes))
+    pred = proba.argmax(axis=1)
+    out = {"rows": int(len(y)), "log_loss": kaggle_log_loss(y, proba), "accuracy": float(accuracy_score(y, pred))}
+    if len(classes) > 5:
+        out["top5_accuracy"] = float(top_k_accuracy_score(y, proba, k=5, labels=labels))
+    else:
+        out["top5_accuracy"] = 1.0  # with five classes or fewer the true class is always in the top five
+    return out
+
+
+def full_report(y: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
+    """Headline scores, per-class precision / recall / F1 / support and the micro, macro, weighted averages."""
+    labels = np.arange(len(classes))
+    pred = proba.argmax(axis=1)
+    rep = classification_report(y, pred, labels=labels, target_names=classes, output_dict=True, zero_division=0)
+    per_class = {c: {k: float(v) for k, v in rep[c].items()} for c in classes}
+    p, r, f, _ = precision_recall_fscore_support(y, pred, labels=labels, average="micro", zero_division=0)
+    averages = {"micro": {"precision": float(p), "recall": float(r), "f1-score": float(f), "support": int(len(y))}}
+    for avg in ("macro avg", "weighted avg"):
+        averages[avg.split()[0]] = {k: float(v) for k, v in rep[avg].items()}
+    return {**scores(y, proba, classes), "per_class": per_class, "averages": averages,
+            "most_confused": confused_pairs(y, pred, classes)}
+
+
+def confused_pairs(y: np.ndarray, pred: np.ndarray, classes: list[str], top: int = 15) -> list[dict]:
+    cm = confusion_matrix(y, pred, labels=np.arange(len(classes)))
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    pairs = []
+    for t, p in zip(*np.unravel_index(np.argsort(off, axis=None)[::-1], off.shape)):
+        if off[t, p] == 0 or len(pairs) == top:
+            break
+        support = int(cm[t].sum())
+        pairs.append({"true": classes[t], "predicted": classes[p], "count": int(off[t, p]), "support": support,
+                      "text": f"{classes[t]} → {classes[p]}: {off[t, p]} of {support} ({off[t, p] / support:.0%})"})
+    return pairs
+
+
+def plot_confusion(y: np.ndarray, proba: np.ndarray, classes: list[str], path, title: str) -> None:
+    """Row-normalised confusion matrix; label font and figure size scale so 120 classes stay readable."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(classes)
+    cm = confusion_matrix(y, proba.argmax(axis=1), labels=np.arange(n)).astype(float)
+    cm /= np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    side = max(6.0, 0.16 * n + 3)
+    font = max(4.0, min(10.0, 400 / max(n, 1)))
+    fig, ax = plt.subplots(figsize=(side, side))
+    im = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), classes, rotation=90, fontsize=font)
+    ax.set_yticks(range(n), classes, fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if n <= 20:
+        for t in range(n):
+            for p in range(n):
+                if cm[t, p] >= 0.01:
+                    ax.text(p, t, f"{cm[t, p]:.2f}", ha="center", va="center", fontsize=font,
+                            color="white" if cm[t, p] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def markdown(report: dict) -> str:
+    cv, ho = report["cv"], report.get("holdout")
+    lines = [f"# Run {report['run_id']}", "",
+             f"Model `{report['model']}` on backbones {', '.join(report['backbones'])} "
+             f"({report['rows']['train']} training rows, {report['rows']['holdout']} holdout, "
+             f"{report['rows']['test']} test; {report['folds']}-fold CV).", "",
+             "| scored on | log loss | accuracy | top-5 accuracy |", "|---|---|---|---|",
+             f"| {report['folds']}-fold CV (train) | {cv['log_loss']:.4f} | {cv['accuracy']:.4f} | {cv['top5_accuracy']:.4f} |"]
+    if ho:
+        lines.append(f"| holdout | {ho['log_loss']:.4f} | {ho['accuracy']:.4f} | {ho['top5_accuracy']:.4f} |")
+        lines += ["", "## Holdout averages", "", "| average | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for name, a in ho["averages"].items():
+            lines.append(f"| {name} | {a['precision']:.4f} | {a['recall']:.4f} | {a['f1-score']:.4f} | {int(a['support'])} |")
+        lines += ["", "## Most confused pairs (holdout)", ""]
+        lines += [f"- {p['text']}" for p in ho["most_confused"]] or ["- none"]
+        lines += ["", "## Per class (holdout)", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        for c, a in ho["per_class"].items():
+            lines.append(f"| {c} | {a['precision']:.3f} | {a['recall']:.3f} | {a['f1-score']:.3f} | {int(a['support'])} |")
+        lines += ["", "![confusion matrix](confusion.png)"]
+    else:
+        lines += ["", "No holdout rows (the split was made with --holdout 0): CV scores only."]
+    return "\n".join(lines) + "\n"
+
+
+def predictions_frame(ids, proba: np.ndarray, classes: list[str], labels=None) -> pd.DataFrame:
+    frame = pd.DataFrame(proba, columns=classes)
+    if labels is not None:
+        frame.insert(0, "label", labels)
+    frame.insert(0, "id", ids)
+    return frame

@@ -1,0 +1,151 @@
+"""Stacker stage: cached features -> out-of-fold CV -> refit -> one holdout score -> a complete run folder."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pandas as pd
+
+from . import models as M
+from . import reports
+from .errors import FeatstackError
+from .features import FeatureSet, load_features
+from .paths import MODELS_DIR, RunPaths
+
+
+def _versions() -> dict:
+    import h5py
+    import lightgbm
+    import sklearn
+    return {"python": platform.python_version(), "numpy": np.__version__, "pandas": pd.__version__,
+            "scikit-learn": sklearn.__version__, "lightgbm": lightgbm.__version__, "h5py": h5py.__version__}
+
+
+def _check_trainable(fs: FeatureSet, folds: int) -> None:
+    train = fs.rows("train")
+    if len(train) == 0:
+        raise FeatstackError(f"{fs.paths.split_csv}: no labelled training rows; a stacker needs labelled images")
+    counts = pd.Series(fs.labels[train]).value_counts()
+    if len(counts) < 2:
+        raise FeatstackError(f"{fs.paths.split_csv}: only one class ({counts.index[0]!r}) among training rows")
+    if counts.min() < folds:
+        raise FeatstackError(f"class {counts.idxmin()!r} has {counts.min()} training rows, fewer than --folds {folds}; "
+                             "lower --folds or add images of that class")
+
+
+def run_stack(features: str | Path, *, backbones: list[str] | None = None, model: str = "logreg",
+              level2: str = "logreg", folds: int = 5, seed: int = 0, models_dir: str | Path = MODELS_DIR,
+              allow_missing: bool = False, run_id: str | None = None) -> Path:
+    """Fit one model honestly and write its run folder; returns the folder."""
+    started = time.perf_counter()
+    if model not in M.MODELS:
+        raise FeatstackError(f"--model {model}: choose one of {', '.join(M.MODELS)}")
+    if level2 not in M.LEVEL2:
+        raise FeatstackError(f"--level2 {level2}: choose one of {', '.join(M.LEVEL2)}")
+    if folds < 2:
+        raise FeatstackError(f"--folds {folds}: needs at least 2")
+    t0 = time.perf_counter()
+    fs = load_features(features, backbones, allow_missing)
+    load_seconds = time.perf_counter() - t0
+    _check_trainable(fs, folds)
+    run_id = run_id or f"{fs.paths.name}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = RunPaths(Path(models_dir) / run_id)
+    if run.root.exists():
+        raise FeatstackError(f"run folder {run.root} already exists; pass another run id or remove it")
+    classes = fs.classes
+    index = {c: k for k, c in enumerate(classes)}
+    X = fs.matrix
+    train, holdout, test = fs.rows("train"), fs.rows("holdout"), fs.rows("test")
+    y_train = np.array([index[l] for l in fs.labels[train]])
+    estimator = M.build(model, fs.column_ranges, level2=level2, folds=folds, seed=seed)
+    print(f"{model}: {len(train)} training rows x {X.shape[1]} dims ({', '.join(fs.blocks)}), {len(classes)} classes, "
+          f"{folds}-fold CV")
+    t0 = time.perf_counter()
+    # Only training rows reach the estimator: holdout labels are read once, below, for the final score.
+    oof, estimator = M.fit_with_oof(estimator, X[train], y_train, folds=folds, seed=seed)
+    fit_seconds = time.perf_counter() - t0
+    cv = reports.scores(y_train, oof, classes)
+    ho_proba = estimator.predict_proba(X[holdout]) if len(holdout) else np.zeros((0, len(classes)))
+    test_proba = estimator.predict_proba(X[test]) if len(test) else np.zeros((0, len(classes)))
+    holdout_report = None
+    if len(holdout):
+        y_holdout = np.array([index[l] for l in fs.labels[holdout]])
+        holdout_report = reports.full_report(y_holdout, ho_proba, classes)
+    seconds = time.perf_counter() - started
+    report = {"run_id": run_id, "dataset": fs.paths.name, "model": model, "backbones": list(fs.blocks),
+              "folds": folds, "rows": {"train": len(train), "holdout": len(holdout), "test": len(test)},
+              "cv": cv, "holdout": holdout_report, "seconds": round(seconds, 2),
+              "timings": {"load": round(load_seconds, 3), "cv_and_fit": round(fit_seconds, 3)}}
+    config = {"run_id": run_id, "dataset": fs.paths.name, "features_dir": str(fs.paths.root.resolve()),
+              "dataset_meta": fs.meta, "backbones": list(fs.blocks), "feature_files": fs.entries,
+              "columns": {k: list(v) for k, v in fs.column_ranges.items()}, "classes": classes, "model": model,
+              "level2": level2 if model == "stack" else None, "folds": folds, "seed": seed,
+              "allow_missing": allow_missing, "params": {k: repr(v) for k, v in estimator.get_params(deep=False).items()},
+              "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    _write_run(run, estimator, config, report, fs, classes, train, holdout, test, oof, ho_proba, test_proba)
+    print(f"CV   log loss {cv['log_loss']:.4f}  accuracy {cv['accuracy']:.4f}")
+    if holdout_report:
+        print(f"holdout log loss {holdout_report['log_loss']:.4f}  accuracy {holdout_report['accuracy']:.4f}  "
+              f"top-5 {holdout_report['top5_accuracy']:.4f}")
+    print(f"{seconds:.1f} s")
+    print(run.root)
+    return run.root
+
+
+def _write_run(run: RunPaths, estimator, config, report, fs, classes, train, holdout, test, oof, ho_proba, test_proba):
+    """Everything goes into a hidden folder renamed into place at the end: no half-written run folder."""
+    run.root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = RunPaths(run.root.parent / f".{run.run_id}.tmp{os.getpid()}")
+    shutil.rmtree(tmp.root, ignore_errors=True)
+    tmp.root.mkdir()
+    try:
+        joblib.dump({"estimator": estimator, "classes": classes, "backbones": list(fs.blocks)}, tmp.model_joblib)
+        tmp.config_json.write_text(json.dumps(config, indent=2, default=str))
+        reports.predictions_frame(fs.ids[train], oof, classes, fs.labels[train]).to_csv(tmp.oof_csv, index=False)
+        reports.predictions_frame(fs.ids[holdout], ho_proba, classes, fs.labels[holdout]).to_csv(tmp.holdout_csv, index=False)
+        reports.predictions_frame(fs.ids[test], test_proba, classes).to_csv(tmp.test_csv, index=False)
+        tmp.report_json.write_text(json.dumps(report, indent=2))
+        tmp.report_md.write_text(reports.markdown(report))
+        if len(holdout):
+            y = np.array([classes.index(l) for l in fs.labels[holdout]])
+            reports.plot_confusion(y, ho_proba, classes, tmp.confusion_png, f"{run.run_id}: holdout")
+        os.rename(tmp.root, run.root)
+    finally:
+        shutil.rmtree(tmp.root, ignore_errors=True)
+
+
+def runs_table(models_dir: str | Path = MODELS_DIR, dataset: str | None = None) -> pd.DataFrame:
+    rows = []
+    for rep in sorted(Path(models_dir).glob("*/report.json")):
+        r = json.loads(rep.read_text())
+        if dataset and r.get("dataset") != dataset:
+            continue
+        ho = r.get("holdout") or {}
+        rows.append({"id": r["run_id"], "backbones": ",".join(r["backbones"]), "model": r["model"],
+                     "cv_log_loss": r["cv"]["log_loss"], "holdout_log_loss": ho.get("log_loss", np.nan),
+                     "holdout_accuracy": ho.get("accuracy", np.nan), "seconds": r["seconds"]})
+    # Best first by CV log loss: choosing runs by holdout score would leak the holdout into model choice.
+    return pd.DataFrame(rows, columns=["id", "backbones", "model", "cv_log_loss", "holdout_log_loss",
+                                       "holdout_accuracy", "seconds"]).sort_values("cv_log_loss", kind="stable")
+
+
+def list_runs(models_dir: str | Path = MODELS_DIR, features: str | Path | None = None) -> pd.DataFrame:
+    table = runs_table(models_dir, Path(features).name if features else None)
+    if table.empty:
+        print(f"no runs in {models_dir}" + (f" for {Path(features).name}" if features else ""))
+    else:
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return table
+
+
+def newest_run(models_dir: str | Path = MODELS_DIR) -> Path:
+    runs = [p.parent for p in Path(models_dir).glob("*/config.json")]
+    if not runs:
+        raise FeatstackError(f"no runs in {models_dir}; run stack.py first (or pass --run)")
+    return max(runs, key=lambda p: json.loads((p / "config.json").read_text())["created"] + p.name)
