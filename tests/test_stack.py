@@ -1,0 +1,156 @@
+"""Stacker: every model end to end, reports equal sklearn's numbers, no leakage, bad input refused."""
+import json
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import accuracy_score, classification_report, log_loss, top_k_accuracy_score
+
+from featstack.errors import FeatstackError
+from featstack.paths import RunPaths
+from featstack.stack import list_runs, run_stack
+from featstack.synthetic import write_synthetic_store
+from conftest import ROOT
+
+FILES = ["model.joblib", "config.json", "oof_predictions.csv", "holdout_predictions.csv", "test_predictions.csv",
+         "report.json", "report.md", "confusion.png"]
+
+
+@pytest.fixture
+def store(tmp_path):
+    return write_synthetic_store(tmp_path / "features", "synth", classes=7, per_class=25)
+
+
+@pytest.mark.parametrize("model, level2", [("logreg", "logreg"), ("lgbm", "logreg"), ("stack", "logreg"),
+                                           ("stack", "lgbm"), ("avg", "logreg")])
+def test_every_model_end_to_end(tmp_path, store, model, level2):
+    run = RunPaths(run_stack(store.root, model=model, level2=level2, models_dir=tmp_path / "models"))
+    assert sorted(p.name for p in run.root.iterdir()) == sorted(FILES)
+    report = json.loads(run.report_json.read_text())
+    assert report["holdout"]["accuracy"] > 0.8, report["holdout"]  # separable classes are learned
+    test = pd.read_csv(run.test_csv, dtype={"id": str})
+    split = pd.read_csv(store.split_csv, dtype=str)
+    assert sorted(test.id) == sorted(split.id[split.split == "test"])
+    assert list(test.columns) == ["id"] + [f"class_{k:03d}" for k in range(7)]
+    np.testing.assert_allclose(test.iloc[:, 1:].sum(axis=1), 1, atol=1e-6)
+    oof = pd.read_csv(run.oof_csv, dtype={"id": str})
+    assert sorted(oof.id) == sorted(split.id[split.split == "train"])
+    config = json.loads(run.config_json.read_text())
+    assert config["backbones"] == ["resnet50", "vgg16"] and config["folds"] == 5 and "scikit-learn" in config["versions"]
+
+
+def test_report_equals_sklearn_on_saved_predictions(tmp_path, store):
+    run = RunPaths(run_stack(store.root, model="logreg", models_dir=tmp_path))
+    report = json.loads(run.report_json.read_text())["holdout"]
+    pred = pd.read_csv(run.holdout_csv, dtype={"id": str, "label": str})
+    classes = list(pred.columns[2:])
+    y = pred.label.map(classes.index).to_numpy()
+    proba = pred[classes].to_numpy()
+    assert report["accuracy"] == pytest.approx(accuracy_score(y, proba.argmax(1)), abs=1e-12)
+    assert report["log_loss"] == pytest.approx(log_loss(y, proba, labels=range(len(classes))), abs=1e-6)
+    assert report["top5_accuracy"] == pytest.approx(top_k_accuracy_score(y, proba, k=5, labels=range(len(classes))))
+    sk = classification_report(y, proba.argmax(1), target_names=classes, output_dict=True, zero_division=0)
+    for c in classes:
+        assert report["per_class"][c] == pytest.approx(sk[c])
+    assert report["averages"]["macro"] == pytest.approx(sk["macro avg"])
+    assert report["averages"]["weighted"] == pytest.approx(sk["weighted avg"])
+    assert report["averages"]["micro"]["f1-score"] == pytest.approx(sk["accuracy"])
+
+
+def test_out_of_fold_predictions_do_not_leak(tmp_path):
+    store = write_synthetic_store(tmp_path / "f", "noise", classes=4, per_class=60, widths={"resnet50": 400},
+                                  random_labels=True)
+    run = RunPaths(run_stack(store.root, model="logreg", models_dir=tmp_path / "m"))
+    cv = json.loads(run.report_json.read_text())["cv"]
+    assert cv["accuracy"] < 0.40, cv  # chance is 0.25
+    import joblib
+    from featstack.features import load_features
+    fs = load_features(store.root)
+    train = fs.rows("train")
+    est = joblib.load(run.model_joblib)["estimator"]
+    fit_acc = (np.array(fs.classes)[est.predict(fs.matrix[train])] == fs.labels[train]).mean()
+    assert fit_acc > 0.95, fit_acc  # the model memorises its training rows; OOF does not see them
+
+
+def _drop_ids(store):
+    path = store.entry_file("vgg16_synthetic")
+    with h5py.File(path, "r") as f:
+        ids, feats, attrs = f["ids"].asstr()[:], f["features"][:], dict(f.attrs)
+    with h5py.File(path, "w") as f:
+        f["ids"] = np.asarray(ids[3:], dtype=object).astype("S")
+        f["features"] = feats[3:]
+        f.attrs.update({**attrs, "rows": len(ids) - 3})
+
+
+def _truncate(store):
+    path = store.entry_file("resnet50_synthetic")
+    path.write_bytes(path.read_bytes()[:2000])
+
+
+def _few_in_class(store):
+    split = pd.read_csv(store.split_csv, dtype=str, keep_default_na=False)
+    rows = split.index[(split.label == "class_000") & (split.split == "train")][3:]
+    split.loc[rows, "label"] = "class_001"
+    split.to_csv(store.split_csv, index=False)
+
+
+def _no_labels(store):
+    split = pd.read_csv(store.split_csv, dtype=str, keep_default_na=False)
+    split["label"], split["split"] = "", "test"
+    split.to_csv(store.split_csv, index=False)
+
+
+@pytest.mark.parametrize("mutate, kwargs, match", [
+    (_drop_ids, {}, r"vgg16_synthetic\.h5: 3 of 195 ids of split\.csv have no vgg16 features; .*--allow-missing"),
+    (_truncate, {}, r"resnet50_synthetic\.h5: corrupt or unreadable feature file"),
+    (_few_in_class, {}, r"class 'class_000' has 3 training rows, fewer than --folds 5"),
+    (_no_labels, {}, r"no labelled training rows"),
+    (None, {"backbones": ["xception"]}, r"'xception' is not cached in .*; cached: resnet50 \(resnet50_synthetic\), vgg16"),
+    (None, {"model": "svm"}, r"--model svm: choose one of logreg, lgbm, stack, avg"),
+])
+def test_bad_input(tmp_path, store, mutate, kwargs, match):
+    if mutate:
+        mutate(store)
+    with pytest.raises(FeatstackError, match=match):
+        run_stack(store.root, models_dir=tmp_path / "models", **kwargs)
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_allow_missing_uses_the_intersection(tmp_path, store):
+    _drop_ids(store)
+    run = RunPaths(run_stack(store.root, allow_missing=True, models_dir=tmp_path))
+    rows = json.loads(run.report_json.read_text())["rows"]
+    assert sum(rows.values()) == 192
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, store):
+    run = run_stack(store.root, run_id="mine", models_dir=tmp_path)
+    before = (run / "report.json").read_text()
+    with pytest.raises(FeatstackError, match=r"run folder .*mine already exists"):
+        run_stack(store.root, run_id="mine", model="avg", models_dir=tmp_path)
+    assert (run / "report.json").read_text() == before
+
+
+def test_refuses_to_mix_configurations(tmp_path, store):
+    path = store.entry_file("vgg16_synthetic")
+    with h5py.File(path, "a") as f:
+        f.attrs["pooling"] = "max"
+    with pytest.raises(FeatstackError, match=r"different pooling: resnet50=avg, vgg16=max"):
+        run_stack(store.root, models_dir=tmp_path)
+
+
+def test_cli_last_line_is_run_folder_and_list_is_best_first(tmp_path, store):
+    out = []
+    for model in ("avg", "logreg"):
+        proc = subprocess.run([sys.executable, str(ROOT / "stack.py"), "--features", str(store.root), "--model", model,
+                               "--models-dir", str(tmp_path)], capture_output=True, text=True, check=True)
+        out.append(proc.stdout.strip().splitlines()[-1])
+    assert all((tmp_path / o.split("/")[-1] / "report.json").exists() for o in out)
+    table = list_runs(tmp_path, store.root)
+    assert list(table.cv_log_loss) == sorted(table.cv_log_loss) and len(table) == 2
+    proc = subprocess.run([sys.executable, str(ROOT / "stack.py"), "--list", "--models-dir", str(tmp_path)],
+                          capture_output=True, text=True, check=True)
+    assert "cv_log_loss" in proc.stdout and all(o.split("/")[-1] in proc.stdout for o in out)
