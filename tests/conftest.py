@@ -113,7 +113,7 @@ def demo(tmp_path_factory):
 
     base = tmp_path_factory.mktemp("demo")
     os.environ["KERAS_HOME"] = str(base / "keras_home")
-    summary = extract(base / "data", demo=True, backbones=["resnet50", "vgg16"], weights="random", image_size=48,
+    summary = extract(base / "data", demo=True, backbones=["resnet50", "vgg16"], weights="random", image_size=32,
                       features_dir=base / "features", batch_size=64, progress=False)
     run = run_stack(summary.paths.root, model="stack", models_dir=base / "models")
     return {"base": base, "data": base / "data", "features": summary.paths.root, "run": run,

@@ -1,0 +1,79 @@
+"""The official kaggle command-line tool: credentials checked first, failures explained in one line."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from .errors import FeatstackError
+
+HINTS = [
+    (("403", "Forbidden"), "accept the competition's rules on its Kaggle page (Join Competition), then submit again"),
+    (("404", "Not Found"), "check the competition slug: the part after kaggle.com/competitions/, e.g. dog-breed-identification"),
+    (("401", "Unauthorized"), "your API key is wrong or expired: create a new token at kaggle.com/settings"),
+    (("Max retries", "NewConnectionError", "Name or service not known", "Temporary failure in name resolution",
+      "Connection refused", "ConnectionError", "timed out"),
+     "no connection to kaggle.com: check the network or proxy (kaggle config set -n proxy -v URL)"),
+]
+
+
+def config_dirs() -> list[Path]:
+    """Where the kaggle tool looks for kaggle.json / access_token, in its order."""
+    if os.environ.get("KAGGLE_CONFIG_DIR"):
+        return [Path(os.environ["KAGGLE_CONFIG_DIR"])]
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "kaggle"
+    return [Path.home() / ".kaggle", xdg]
+
+
+def find_credentials() -> str:
+    """Say where the kaggle tool will find credentials (never their value), or raise saying what to do."""
+    if os.environ.get("KAGGLE_API_TOKEN"):
+        return "environment variable KAGGLE_API_TOKEN"
+    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+        return "environment variables KAGGLE_USERNAME and KAGGLE_KEY"
+    for folder in config_dirs():
+        for name in ("kaggle.json", "access_token"):
+            path = folder / name
+            if path.is_file():
+                if path.stat().st_mode & (stat.S_IRGRP | stat.S_IROTH):
+                    print(f"warning: {path} can be read by other users of this machine; run: chmod 600 {path}",
+                          file=sys.stderr)
+                if name == "kaggle.json":
+                    try:
+                        creds = json.loads(path.read_text())
+                    except (OSError, ValueError):
+                        raise FeatstackError(f"{path}: not valid JSON; download a fresh kaggle.json from "
+                                             "kaggle.com/settings (API → Create New Token)") from None
+                    if not (isinstance(creds, dict) and creds.get("username") and creds.get("key")):
+                        raise FeatstackError(f"{path}: needs \"username\" and \"key\"; see kaggle.json.example")
+                return str(path)
+    where = " or ".join(str(d / "kaggle.json") for d in config_dirs())
+    raise FeatstackError(
+        "no Kaggle credentials found: on kaggle.com/settings choose API → Create New Token, save the downloaded "
+        f"kaggle.json as {where} and chmod 600 it (or set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN)")
+
+
+def submit_file(competition: str, path: Path, message: str) -> None:
+    source = find_credentials()
+    exe = shutil.which("kaggle")
+    if exe is None:
+        raise FeatstackError("the kaggle command-line tool is not installed: pip install kaggle")
+    print(f"submitting {path} to {competition} (credentials from {source})")
+    cmd = [exe, "competitions", "submit", competition, "-f", str(path), "-m", message]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise FeatstackError("kaggle competitions submit did not answer in 10 minutes; check the network") from None
+    output = (proc.stdout + proc.stderr).strip()
+    # The tool has been known to print an HTTP error yet exit 0, so its words count as much as its exit code.
+    failed = proc.returncode != 0 or any(s in output for s in ("403", "404", "401", "error", "Error"))
+    if failed:
+        last = output.splitlines()[-1] if output else f"exit code {proc.returncode}"
+        hint = next((h for keys, h in HINTS if any(k in output for k in keys)), "see the kaggle tool's message above")
+        print(output, file=sys.stderr)
+        raise FeatstackError(f"kaggle competitions submit failed: {last} — {hint}")
+    print(output)

@@ -1,0 +1,204 @@
+"""Submissions: exact competition formats, every validation failure, clipping, gzip, and the kaggle tool path."""
+import gzip
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from featstack.errors import FeatstackError
+from featstack.submission import build, submit, validate
+from conftest import ROOT
+
+
+def make_run(folder, ids, classes, layout, sample=None, seed=0):
+    """A run folder as stack.py leaves it, with Dirichlet test probabilities."""
+    folder.mkdir(parents=True)
+    proba = np.random.default_rng(seed).dirichlet(np.ones(len(classes)), len(ids))
+    frame = pd.DataFrame(proba, columns=classes)
+    frame.insert(0, "id", ids)
+    frame.sample(frac=1, random_state=seed).to_csv(folder / "test_predictions.csv", index=False)  # any row order
+    meta = {"layout": layout, "sample_submission": str(sample) if sample else None}
+    (folder / "config.json").write_text(json.dumps({"dataset_meta": meta, "classes": classes, "created": "2026"}))
+    (folder / "report.json").write_text(json.dumps({"cv": {"log_loss": 0.5}, "holdout": {"log_loss": 0.4}}))
+    return folder
+
+
+@pytest.fixture
+def real_breeds(shared_data):
+    d = shared_data / "dog-breed-identification"
+    breeds = sorted(pd.read_csv(d / "labels.csv").breed.unique())
+    test_ids = (d / "test_ids.txt").read_text().split()
+    return breeds, test_ids
+
+
+def test_dog_breed_format_from_real_breed_list(tmp_path, real_breeds):
+    breeds, test_ids = real_breeds
+    assert len(breeds) == 120 and len(test_ids) == 10357
+    sample = tmp_path / "sample_submission.csv"
+    pd.DataFrame(1 / 120, index=pd.Index(test_ids, name="id"), columns=breeds).reset_index().to_csv(sample, index=False)
+    run = make_run(tmp_path / "run", test_ids, list(np.random.default_rng(1).permutation(breeds)), "dog-breed", sample)
+    frame, fmt = build(run)
+    assert fmt == "dog-breed"
+    assert list(frame.columns) == list(pd.read_csv(sample, nrows=0).columns) == ["id"] + breeds
+    assert list(frame.id) == test_ids
+    pred = pd.read_csv(run / "test_predictions.csv").set_index("id")
+    np.testing.assert_allclose(frame.set_index("id").loc[test_ids[7], "beagle"], pred.loc[test_ids[7], "beagle"])
+    no_sample, _ = build(make_run(tmp_path / "run2", test_ids, breeds[::-1], "dog-breed"))
+    assert list(no_sample.columns) == ["id"] + breeds  # alphabetical without a sample file
+
+
+def test_cats_dogs_format(tmp_path):
+    ids = [str(i) for i in range(1, 13)]
+    run = make_run(tmp_path / "run", ids[::-1], ["cat", "dog"], "cats-dogs")
+    frame, fmt = build(run)
+    pred = pd.read_csv(run / "test_predictions.csv", dtype={"id": str}).set_index("id")
+    assert fmt == "cats-dogs" and list(frame.columns) == ["id", "label"]
+    assert list(frame.id) == ids  # numeric order: 1, 2, ... 10, not 1, 10, 11
+    np.testing.assert_allclose(frame.label, pred.loc[ids, "dog"])
+    clipped, _ = build(run, clip=0.005)
+    assert clipped.label.min() >= 0.005 and clipped.label.max() <= 0.995
+
+
+def test_clip_then_renormalise(tmp_path):
+    run = make_run(tmp_path / "run", ["a", "b"], ["x", "y", "z"], "folders")
+    pd.DataFrame({"id": ["a", "b"], "x": [1.0, 0.2], "y": [0.0, 0.3], "z": [0.0, 0.5]}).to_csv(
+        run / "test_predictions.csv", index=False)
+    frame, fmt = build(run, clip=0.01)
+    assert fmt == "generic"
+    row = frame.set_index("id").loc["a"].to_numpy()
+    np.testing.assert_allclose(row, np.array([0.99, 0.01, 0.01]) / 1.01)
+    np.testing.assert_allclose(frame.iloc[:, 1:].sum(axis=1), 1, atol=1e-12)
+    labels, _ = build(run, labels=True)
+    assert labels.set_index("id").label.to_dict() == {"a": "x", "b": "z"}
+
+
+GOOD = pd.DataFrame({"id": ["a", "b"], "x": [0.25, 0.5], "y": [0.75, 0.5]})
+
+
+@pytest.mark.parametrize("frame, match", [
+    (GOOD[["id", "y", "x"]], "same names, other order"),
+    (GOOD[["id", "x"]], "missing y"),
+    (GOOD.assign(w=0.0), "unexpected w"),
+    (pd.concat([GOOD, GOOD.iloc[:1]]), "duplicate ids: a"),
+    (GOOD.iloc[:1], "lacks 1 expected ids: b"),
+    (pd.concat([GOOD, GOOD.iloc[:1].assign(id="c")]), "ids the competition does not expect: c"),
+    (GOOD.assign(x=[np.nan, 0.5]), "id 'a' column 'x' is nan"),
+    (GOOD.assign(x=[1.25, 0.5]), "id 'a' column 'x' is 1.25"),
+    (GOOD.assign(x=[0.2, 0.5]), r"rows must sum to 1 ± 1e-06: ids a"),
+])
+def test_validation_failures(frame, match):
+    validate(GOOD, ["a", "b"], ["id", "x", "y"], "multiclass")
+    with pytest.raises(FeatstackError, match=match):
+        validate(frame, ["a", "b"], ["id", "x", "y"], "multiclass")
+
+
+def test_invalid_run_writes_nothing(tmp_path):
+    run = make_run(tmp_path / "run", ["a", "b"], ["x", "y"], "folders")
+    pd.DataFrame({"id": ["a", "b"], "x": [0.5, np.nan], "y": [0.5, 0.5]}).to_csv(run / "test_predictions.csv", index=False)
+    with pytest.raises(FeatstackError, match="finite"):
+        submit(run, submissions_dir=tmp_path / "subs")
+    assert not (tmp_path / "subs").exists() or not list((tmp_path / "subs").iterdir())
+
+
+def test_gzip_and_log(tmp_path):
+    run = make_run(tmp_path / "run", [str(i) for i in range(5)], ["cat", "dog"], "cats-dogs")
+    out = submit(run, out=tmp_path / "subs" / "x.csv.gz", submissions_dir=tmp_path / "subs")
+    with gzip.open(out, "rt") as f:
+        back = pd.read_csv(f, dtype={"id": str})
+    pd.testing.assert_frame_equal(back, build(run)[0], check_exact=False)
+    log = pd.read_csv(tmp_path / "subs" / "log.csv")
+    assert log.iloc[-1].status == "written" and log.iloc[-1].cv_log_loss == 0.5 and log.iloc[-1].holdout_log_loss == 0.4
+
+
+@pytest.fixture
+def fake_kaggle(tmp_path, monkeypatch):
+    """A stand-in `kaggle` first on PATH that records its arguments and environment, and fails when told to."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "kaggle_calls.jsonl"
+    script = bin_dir / "kaggle"
+    script.write_text(f"""#!{sys.executable}
+import json, os, sys
+with open({str(record)!r}, "a") as f:
+    f.write(json.dumps({{"argv": sys.argv[1:], "env": {{k: v for k, v in os.environ.items() if k.startswith("KAGGLE")}}}}) + "\\n")
+mode = os.environ.get("FAKE_KAGGLE_MODE", "ok")
+if mode == "403":
+    print("403 - Forbidden - You must accept this competition's rules before you'll be able to submit.")
+    sys.exit(1)
+print("Successfully submitted to Dog Breed Identification")
+""")
+    script.chmod(0o755)
+    home = tmp_path / "home"
+    (home / ".kaggle").mkdir(parents=True)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_CONFIG_DIR", "KAGGLE_API_TOKEN", "XDG_CONFIG_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    return {"record": record, "home": home}
+
+
+def _calls(record):
+    return [json.loads(l) for l in record.read_text().splitlines()] if record.exists() else []
+
+
+def test_submit_calls_kaggle_with_exact_arguments(tmp_path, fake_kaggle, monkeypatch, capsys):
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", "s3cr3tkey")
+    run = make_run(tmp_path / "run", ["1", "2"], ["cat", "dog"], "cats-dogs")
+    out = submit(run, competition="dogs-vs-cats-redux-kernels-edition", message="first try",
+                 submissions_dir=tmp_path / "subs")
+    calls = _calls(fake_kaggle["record"])
+    assert calls[0]["argv"] == ["competitions", "submit", "dogs-vs-cats-redux-kernels-edition", "-f", str(out),
+                                "-m", "first try"]
+    assert calls[0]["env"]["KAGGLE_USERNAME"] == "someone"
+    printed = capsys.readouterr()
+    assert "s3cr3tkey" not in printed.out + printed.err
+    assert printed.out.strip().splitlines()[-1] == str(out)
+    log = pd.read_csv(tmp_path / "subs" / "log.csv")
+    assert log.iloc[-1].status == "submitted" and log.iloc[-1].competition == "dogs-vs-cats-redux-kernels-edition"
+    assert log.iloc[-1].message == "first try"
+
+
+def test_missing_credentials_say_what_to_do(tmp_path, fake_kaggle):
+    run = make_run(tmp_path / "run", ["1"], ["cat", "dog"], "cats-dogs")
+    with pytest.raises(FeatstackError, match=r"no Kaggle credentials found: .*Create New Token.*\.kaggle/kaggle\.json"):
+        submit(run, competition="c", submissions_dir=tmp_path / "subs")
+    assert not _calls(fake_kaggle["record"])
+
+
+def test_world_readable_kaggle_json_warns(tmp_path, fake_kaggle, capsys):
+    cfg = fake_kaggle["home"] / ".kaggle" / "kaggle.json"
+    cfg.write_text(json.dumps({"username": "u", "key": "k3y-value"}))
+    cfg.chmod(0o644)
+    run = make_run(tmp_path / "run", ["1"], ["cat", "dog"], "cats-dogs")
+    submit(run, competition="c", message="m", submissions_dir=tmp_path / "subs")
+    err = capsys.readouterr().err
+    assert f"chmod 600 {cfg}" in err and "k3y-value" not in err
+    cfg.chmod(stat.S_IRUSR | stat.S_IWUSR)
+    submit(run, competition="c", message="m", submissions_dir=tmp_path / "subs")
+    assert "chmod" not in capsys.readouterr().err
+
+
+def test_failing_tool_shows_message_and_hint(tmp_path, fake_kaggle, monkeypatch):
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "tok")
+    monkeypatch.setenv("FAKE_KAGGLE_MODE", "403")
+    run = make_run(tmp_path / "run", ["1"], ["cat", "dog"], "cats-dogs")
+    with pytest.raises(FeatstackError, match=r"403 - Forbidden.* — accept the competition's rules"):
+        submit(run, competition="dog-breed-identification", message="m", submissions_dir=tmp_path / "subs")
+    assert pd.read_csv(tmp_path / "subs" / "log.csv").iloc[-1].status == "submit failed"
+
+
+def test_demo_submission_matches_its_sample(demo, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "submit.py"), "--run", str(demo["run"]),
+                           "--submissions-dir", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.strip().splitlines()[-1]
+    written = pd.read_csv(out, dtype={"id": str})
+    sample = pd.read_csv(demo["data"] / "sample_submission.csv", dtype={"id": str})
+    assert list(written.columns) == list(sample.columns) and list(written.id) == list(sample.id)
+    validate(written, list(sample.id), list(sample.columns), "multiclass")
