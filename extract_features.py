@@ -2,7 +2,7 @@
 """Extract and cache pooled features of frozen ImageNet backbones for every image of a dataset."""
 import argparse
 
-from featstack.cli import comma_list, run_main
+from featstack.cli import batch_size_arg, comma_list, run_main
 from featstack.paths import FEATURES_DIR
 
 
@@ -22,7 +22,7 @@ def parse_args(argv=None):
     p.add_argument("--name", default=None, help="dataset name under the store (default: the data folder's name)")
     p.add_argument("--holdout", type=float, default=0.1, help="stratified holdout fraction (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of random weights (default 0)")
-    p.add_argument("--batch-size", default="32", help="images per forward pass, or auto (default 32)")
+    p.add_argument("--batch-size", default=32, type=batch_size_arg, help="images per forward pass, or auto (default 32)")
     p.add_argument("--precision", default="float32", help="float32|bf16 (mixed precision, for GPUs)")
     p.add_argument("--decode-threads", type=int, default=None, help="decoder threads (default: CPU count)")
     p.add_argument("--engine", default="local", help="local|ray (Ray Data, for clusters)")
@@ -32,6 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--shard-rows", type=int, default=1024,
                    help="rows per on-disk shard: the most a killed run loses (default 1024)")
     p.add_argument("--demo", action="store_true", help="write the embedded digits competition to data/demo and extract it")
+    p.add_argument("--summary-json", default=None, help="also write the end-of-run summary to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -39,13 +40,16 @@ def parse_args(argv=None):
 def main(argv=None):
     a = parse_args(argv)
     from featstack.extract import extract
-    batch = a.batch_size if a.batch_size == "auto" else run_main(int, a.batch_size) if a.batch_size.isdigit() else a.batch_size
-    run_main(extract, a.data, layout=a.layout, backbones=comma_list(a.backbones), weights=a.weights,
+    summary = run_main(extract, a.data, layout=a.layout, backbones=comma_list(a.backbones), weights=a.weights,
              preprocess=a.preprocess, image_size=a.image_size, pooling=a.pooling, tta=a.tta,
-             features_dir=a.features_dir, name=a.name, holdout=a.holdout, seed=a.seed, batch_size=batch,
+             features_dir=a.features_dir, name=a.name, holdout=a.holdout, seed=a.seed, batch_size=a.batch_size,
              precision=a.precision, decode_threads=a.decode_threads, demo=a.demo, engine=a.engine,
              ray_address=a.ray_address, ray_options={"actors": a.ray_actors, "decode_cpus": a.ray_decode_cpus},
              shard_rows=a.shard_rows, progress=not a.no_progress)
+    if a.summary_json:
+        import json
+        with open(a.summary_json, "w") as f:
+            json.dump(summary.as_dict(), f, indent=2)
 
 
 if __name__ == "__main__":

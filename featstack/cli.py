@@ -19,3 +19,13 @@ def run_main(func, *args, **kwargs):
 
 def comma_list(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def batch_size_arg(text: str):
+    """argparse type of --batch-size: a positive whole number or 'auto'."""
+    import argparse
+    if text == "auto":
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r}: give a positive whole number or auto")

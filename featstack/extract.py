@@ -42,6 +42,14 @@ class Summary:
     images: int
     bad: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=["id", "path", "reason"]))
     seconds: float = 0.0
+    loop_seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {"dataset": str(self.paths.root), "images": self.images, "bad": len(self.bad),
+                "seconds": self.seconds, "loop_seconds": self.loop_seconds,
+                "backbones": [{"name": j.backbone.name, "file": j.writer.final.name, "stored": j.stored,
+                               "width": j.backbone.width, "extracted": j.extracted, "cached": j.cached,
+                               "seconds": j.seconds} for j in self.jobs]}
 
 
 def auto_batch_size() -> int:
@@ -148,6 +156,7 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
             if job.todo:
                 job.backbone.build()
         active = [j for j in jobs if j.todo]
+        loop_started = time.perf_counter()
         if engine == "ray":
             from .ray_engine import run_jobs_ray
             bad = run_jobs_ray(active, table, batch_size=batch_size, address=ray_address, options=ray_options or {},
@@ -156,6 +165,7 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
             bad = run_jobs(active, table, batch_size=batch_size, threads=threads, progress=progress)
         else:
             raise FeatstackError(f"--engine {engine}: choose local or ray")
+        loop_seconds = time.perf_counter() - loop_started
         for job in jobs:
             if job.backbone.model is None and job.writer.final.exists():
                 job.writer.attrs = _existing_attrs(job.writer.final)
@@ -164,7 +174,7 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
             job.stored = job.writer.merge()
         if active:
             write_atomic(paths.bad_images_csv, lambda p: bad.to_csv(p, index=False))
-    summary = Summary(paths, jobs, len(table), bad, time.perf_counter() - started)
+    summary = Summary(paths, jobs, len(table), bad, time.perf_counter() - started, loop_seconds)
     print_summary(summary)
     return summary
 

@@ -89,20 +89,31 @@ def load_features(features: str | Path, backbones: list[str] | None = None, allo
     if len(set(kinds.values())) > 1:
         raise FeatstackError("refusing to mix random-weight and trained-weight features: "
                              f"{', '.join(n + (' (random)' if r else '') for n, r in kinds.items())}")
-    keep = np.ones(len(split), bool)
+    split_ids = split["id"].to_numpy(object)
+    keep = np.ones(len(split_ids), bool)
+    rows_of = {}
     for name, e in entries.items():
-        present = split["id"].isin(e.ids).to_numpy()
+        if len(e.ids) == len(split_ids) and np.array_equal(e.ids, split_ids):
+            rows_of[name] = None  # already in split order: no copy of the matrix
+            continue
+        row_of = dict(zip(e.ids, range(len(e.ids))))
+        rows = np.fromiter((row_of.get(i, -1) for i in split_ids), np.int64, len(split_ids))
+        present = rows >= 0
         if not present.all():
             if not allow_missing:
-                raise FeatstackError(f"{e.path.name}: {int((~present).sum())} of {len(split)} ids of split.csv have no "
-                                     f"{name} features; rerun extract_features.py, or pass --allow-missing to use the "
-                                     "ids every backbone has")
+                raise FeatstackError(f"{e.path.name}: {int((~present).sum())} of {len(split_ids)} ids of split.csv have "
+                                     f"no {name} features; rerun extract_features.py, or pass --allow-missing to use "
+                                     "the ids every backbone has")
             keep &= present
-    split = split[keep].reset_index(drop=True)
+        rows_of[name] = rows
     blocks = {}
     for name, e in entries.items():
-        row_of = {i: k for k, i in enumerate(e.ids)}
-        blocks[name] = e.features[np.fromiter((row_of[i] for i in split["id"]), np.int64, len(split))]
+        rows = rows_of[name]
+        if rows is None:
+            blocks[name] = e.features if keep.all() else e.features[keep]
+        else:
+            blocks[name] = e.features[rows[keep]]
+    split = split[keep].reset_index(drop=True)
     return FeatureSet(paths, meta, split["id"].to_numpy(object), split["split"].to_numpy(object),
                       split["label"].to_numpy(object), blocks,
                       {n: {"file": e.path.name, **e.attrs} for n, e in entries.items()})

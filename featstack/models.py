@@ -55,7 +55,7 @@ class PCALightGBM(ClassifierMixin, BaseEstimator):
             n_estimators=self.n_estimators, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
             min_child_samples=5, subsample=0.8, subsample_freq=1, colsample_bytree=0.5, random_state=self.seed,
             n_jobs=-1, verbose=-1)
-        self.booster_.fit(Z[tr], y[tr], eval_set=[(Z[va], y[va])],
+        self.booster_.fit(Z[tr], y[tr], eval_X=(Z[va],), eval_y=(y[va],),
                           callbacks=[lgb.early_stopping(self.early_stopping_rounds, verbose=False)])
         return self
 

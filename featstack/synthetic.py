@@ -13,6 +13,7 @@ from .store import EntryWriter
 
 
 def write_synthetic_store(features_dir: str | Path, name: str, *, classes: int = 5, per_class: int = 30,
+                          labelled: int | None = None,
                           test_rows: int = 20, widths: dict[str, int] | None = None, separation: float = 1.0,
                           random_labels: bool = False, holdout: float = 0.2, seed: int = 0,
                           shard_rows: int = 4096) -> DatasetPaths:
@@ -24,7 +25,7 @@ def write_synthetic_store(features_dir: str | Path, name: str, *, classes: int =
     rng = np.random.default_rng(seed)
     widths = widths or {"resnet50": 64, "vgg16": 32}
     names = [f"class_{k:03d}" for k in range(classes)]
-    y = np.repeat(np.arange(classes), per_class)
+    y = np.arange(labelled) % classes if labelled else np.repeat(np.arange(classes), per_class)
     n_train = len(y)
     ids = [f"img{k:06d}" for k in range(n_train + test_rows)]
     labels = [names[k] for k in (rng.permutation(y) if random_labels else y)] + [None] * test_rows

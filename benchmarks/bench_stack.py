@@ -1,0 +1,68 @@
+#!/usr/bin/env python
+"""Stacker benchmark: load, logreg, lgbm and stack seconds on features of the real dog-breed shape.
+
+10,222 labelled rows (10% held out) x 6,656 dims (xception 2048 + inception_v3 2048 + resnet50 2048 + vgg16 512),
+120 classes, plus test rows; synthetic values with class structure. Prints a table, writes JSON.
+"""
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from featstack.features import load_features  # noqa: E402
+from featstack.stack import run_stack  # noqa: E402
+from featstack.synthetic import write_synthetic_store  # noqa: E402
+
+WIDTHS = {"xception": 2048, "inception_v3": 2048, "resnet50": 2048, "vgg16": 512}
+LIMITS = {"load": 2, "logreg": 60, "lgbm": 180, "stack": 180}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--labelled", type=int, default=10222)
+    p.add_argument("--test-rows", type=int, default=10357)
+    p.add_argument("--classes", type=int, default=120)
+    p.add_argument("--models", default="logreg,lgbm,stack")
+    p.add_argument("--separation", type=float, default=0.02, help="class-mean scale: 0.02 gives a realistic, not separable, problem")
+    p.add_argument("--out", default="benchmarks/results/stack.json")
+    a = p.parse_args()
+    results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+               "cores": __import__("os").cpu_count(), "date": time.strftime("%Y-%m-%d"),
+               "command": "python " + " ".join(sys.argv), "shape": {}, "seconds": {}, "scores": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        store = write_synthetic_store(Path(tmp) / "features", "dogbreed_shape", classes=a.classes,
+                                      labelled=a.labelled, test_rows=a.test_rows, widths=WIDTHS,
+                                      separation=a.separation, holdout=0.1)
+        print(f"synthetic store written in {time.perf_counter() - t0:.1f} s")
+        t0 = time.perf_counter()
+        fs = load_features(store.root)
+        results["seconds"]["load"] = time.perf_counter() - t0
+        results["shape"] = {"rows": len(fs.ids), "train": len(fs.rows("train")), "dims": fs.matrix.shape[1],
+                            "classes": len(fs.classes)}
+        del fs
+        for model in a.models.split(","):
+            t0 = time.perf_counter()
+            run = run_stack(store.root, model=model, models_dir=Path(tmp) / "models")
+            results["seconds"][model] = time.perf_counter() - t0
+            rep = json.loads((run / "report.json").read_text())
+            results["scores"][model] = {"cv_log_loss": rep["cv"]["log_loss"],
+                                        "holdout_log_loss": rep["holdout"]["log_loss"],
+                                        "holdout_accuracy": rep["holdout"]["accuracy"]}
+    print(f"\nshape: {results['shape']}")
+    print(f"{'stage':<10}{'seconds':>10}{'limit':>8}  ok")
+    for k, v in results["seconds"].items():
+        print(f"{k:<10}{v:>10.1f}{LIMITS.get(k, float('nan')):>8}  {'yes' if v <= LIMITS.get(k, 1e9) else 'NO'}")
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\n{out}")
+
+
+if __name__ == "__main__":
+    main()
