@@ -12,6 +12,8 @@ def main(argv=None):
     p.add_argument("--backbones", default=None, help="comma-separated backbones (default: every cached one)")
     p.add_argument("--model", default="logreg", help="logreg|lgbm|stack|avg (default logreg)")
     p.add_argument("--level2", default="logreg", help="stack's level-2 model: logreg|lgbm (default logreg)")
+    p.add_argument("--C", type=float, default=1.0,
+                   help="inverse L2 strength of the logistic regressions (logreg, avg, stack level 1; default 1.0)")
     p.add_argument("--folds", type=int, default=5, help="stratified CV folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of folds and models (default 0)")
     p.add_argument("--models-dir", default=str(MODELS_DIR), help="where run folders go (default models/)")
@@ -25,7 +27,7 @@ def main(argv=None):
     if not a.features:
         p.error("--features is required (e.g. --features features/demo)")
     run_main(stack.run_stack, a.features, backbones=comma_list(a.backbones), model=a.model, level2=a.level2,
-             folds=a.folds, seed=a.seed, models_dir=a.models_dir, allow_missing=a.allow_missing, run_id=a.run_id)
+             folds=a.folds, seed=a.seed, models_dir=a.models_dir, allow_missing=a.allow_missing, run_id=a.run_id, C=a.C)
 
 
 if __name__ == "__main__":

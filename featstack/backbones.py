@@ -128,6 +128,8 @@ class Backbone:
     def attrs(self) -> dict:
         """What the feature file records about how it was made."""
         import keras
+        if self.weights == "imagenet" and self.weights_sha256 is None and Path(self.weights_file).is_file():
+            self.weights_sha256 = sha256_of(self.weights_file)  # downloaded during this run
         out = {**self.identity(), "keras_version": keras.__version__, "keras_backend": keras.backend.backend(),
                "weights_file": self.weights_file or "", "weights_sha256": self.weights_sha256 or "",
                "model_path": self.model_path or "", "width": int(self.width or 0)}

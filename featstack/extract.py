@@ -152,9 +152,10 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
         jobs = plan_jobs(paths, resolved, ids, shard_rows)
         if demo and weights == "imagenet":
             jobs = _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, pooling, tta, precision, seed)
-        for job in jobs:
-            if job.todo:
-                job.backbone.build()
+        if engine == "local":
+            for job in jobs:
+                if job.todo:
+                    job.backbone.build()  # the Ray engine builds on its actors instead
         active = [j for j in jobs if j.todo]
         loop_started = time.perf_counter()
         if engine == "ray":
@@ -167,7 +168,7 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
             raise FeatstackError(f"--engine {engine}: choose local or ray")
         loop_seconds = time.perf_counter() - loop_started
         for job in jobs:
-            if job.backbone.model is None and job.writer.final.exists():
+            if not job.extracted and job.writer.final.exists():
                 job.writer.attrs = _existing_attrs(job.writer.final)
             else:
                 job.writer.attrs = {**job.backbone.attrs(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -41,13 +41,15 @@ def _check_trainable(fs: FeatureSet, folds: int) -> None:
 
 def run_stack(features: str | Path, *, backbones: list[str] | None = None, model: str = "logreg",
               level2: str = "logreg", folds: int = 5, seed: int = 0, models_dir: str | Path = MODELS_DIR,
-              allow_missing: bool = False, run_id: str | None = None) -> Path:
+              allow_missing: bool = False, run_id: str | None = None, C: float = M.LOGREG_C) -> Path:
     """Fit one model honestly and write its run folder; returns the folder."""
     started = time.perf_counter()
     if model not in M.MODELS:
         raise FeatstackError(f"--model {model}: choose one of {', '.join(M.MODELS)}")
     if level2 not in M.LEVEL2:
         raise FeatstackError(f"--level2 {level2}: choose one of {', '.join(M.LEVEL2)}")
+    if not C > 0:
+        raise FeatstackError(f"--C {C}: must be positive")
     if folds < 2:
         raise FeatstackError(f"--folds {folds}: needs at least 2")
     t0 = time.perf_counter()
@@ -63,7 +65,7 @@ def run_stack(features: str | Path, *, backbones: list[str] | None = None, model
     X = fs.matrix
     train, holdout, test = fs.rows("train"), fs.rows("holdout"), fs.rows("test")
     y_train = np.array([index[l] for l in fs.labels[train]])
-    estimator = M.build(model, fs.column_ranges, level2=level2, folds=folds, seed=seed)
+    estimator = M.build(model, fs.column_ranges, level2=level2, folds=folds, seed=seed, C=C)
     print(f"{model}: {len(train)} training rows x {X.shape[1]} dims ({', '.join(fs.blocks)}), {len(classes)} classes, "
           f"{folds}-fold CV")
     t0 = time.perf_counter()
@@ -85,7 +87,7 @@ def run_stack(features: str | Path, *, backbones: list[str] | None = None, model
     config = {"run_id": run_id, "dataset": fs.paths.name, "features_dir": str(fs.paths.root.resolve()),
               "dataset_meta": fs.meta, "backbones": list(fs.blocks), "feature_files": fs.entries,
               "columns": {k: list(v) for k, v in fs.column_ranges.items()}, "classes": classes, "model": model,
-              "level2": level2 if model == "stack" else None, "folds": folds, "seed": seed,
+              "level2": level2 if model == "stack" else None, "folds": folds, "seed": seed, "C": C,
               "allow_missing": allow_missing, "params": {k: repr(v) for k, v in estimator.get_params(deep=False).items()},
               "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_run(run, estimator, config, report, fs, classes, train, holdout, test, oof, ho_proba, test_proba)

@@ -158,3 +158,16 @@ def test_real_kaggle_photos(tmp_path, shared_data):
     assert split.split.value_counts().to_dict() == {"train": 540, "test": 200, "holdout": 60}
     assert split[split.split == "holdout"].label.value_counts().to_dict() == {"cat": 30, "dog": 30}
     assert np.isfinite(entry.features).all() and entry.features.std(axis=0).mean() > 0
+
+
+def test_bf16_features_stay_close_to_float32(tmp_path, cats_dogs):
+    from conftest import make_weights_dir
+    weights = make_weights_dir(tmp_path / "w", ["resnet50"], 64)
+    common = dict(backbones=["resnet50"], weights=str(weights), image_size=64, progress=False)
+    f32 = extract(cats_dogs, features_dir=tmp_path / "f", **common)
+    bf16 = extract(cats_dogs, features_dir=tmp_path / "f", precision="bf16", **common)
+    a, b = entry_of(f32), entry_of(bf16)
+    assert a.path != b.path and b.attrs["precision"] == "bf16"  # its own cache entry
+    assert b.features.dtype == np.float32 and list(a.ids) == list(b.ids)
+    rel = np.linalg.norm(b.features - a.features) / np.linalg.norm(a.features)
+    assert 0 < rel <= 1e-2, rel
