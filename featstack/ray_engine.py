@@ -33,6 +33,8 @@ def connect(address: str | None):
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return ray
+    if address and address != "auto":
+        _probe(address)
     try:
         ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
                  logging_level="ERROR")
@@ -41,6 +43,19 @@ def connect(address: str | None):
         raise FeatstackError(f"{where}: cannot connect ({str(exc).splitlines()[0][:160]}); start the head with "
                              "`ray start --head` and pass its address, or omit --ray-address for a local Ray") from None
     return ray
+
+
+def _probe(address: str) -> None:
+    """Fail in seconds on an unreachable head: ray.init itself retries for many minutes."""
+    import socket
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise FeatstackError(f"--ray-address {address}: expected HOST:PORT (e.g. 10.0.0.5:6379) or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise FeatstackError(f"--ray-address {address}: cannot connect ({exc}); start the head with "
+                             "`ray start --head` and pass its address, or omit --ray-address for a local Ray") from None
 
 
 class DecodeBatch:
