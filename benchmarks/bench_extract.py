@@ -8,7 +8,6 @@ Runs on any Keras backend (KERAS_BACKEND=tensorflow|jax|torch).
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -18,8 +17,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
+from common import header, write_json  # noqa: E402
 
 SHARED_PHOTOS = ROOT.parent / "shared" / "data" / "dogs-vs-cats-sample" / "train"
 
@@ -87,8 +88,7 @@ def main():
     names = a.backbones.split(",")
     resolved = bb.resolve(names, weights="random", image_size=a.image_size, precision=a.precision)
     sizes = tuple(sorted({b.input_size for b in resolved}))
-    res = {"machine": f"{platform.node()}, {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d %H:%M"),
-           "command": "python " + " ".join(sys.argv), "keras_backend": keras.backend.backend(), "n": a.n,
+    res = {**header(), "keras_backend": keras.backend.backend(), "n": a.n,
            "backbones": names, "sizes": sizes, "batch_size": batch, "precision": a.precision,
            "images_per_s": {}, "seconds": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,10 +172,7 @@ def main():
             print(f"{k:<28}{res[k]:>10.2f}")
     if "pipeline_peak_rss_mib" in res:
         print(f"{'pipeline peak RSS (MiB)':<28}{res['pipeline_peak_rss_mib']:>10.0f}")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    print(f"\n{out}")
+    write_json(res, a.out)
 
 
 if __name__ == "__main__":

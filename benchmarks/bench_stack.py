@@ -6,14 +6,15 @@
 """
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import header, write_json  # noqa: E402
 from featstack.features import load_features  # noqa: E402
 from featstack.stack import run_stack  # noqa: E402
 from featstack.synthetic import write_synthetic_store  # noqa: E402
@@ -31,9 +32,7 @@ def main():
     p.add_argument("--separation", type=float, default=0.3, help="class-mean scale in the latent space")
     p.add_argument("--out", default="benchmarks/results/stack.json")
     a = p.parse_args()
-    results = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}",
-               "cores": __import__("os").cpu_count(), "date": time.strftime("%Y-%m-%d"),
-               "command": "python " + " ".join(sys.argv), "shape": {}, "seconds": {}, "scores": {}}
+    results = {**header(), "shape": {}, "seconds": {}, "scores": {}}
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         store = write_synthetic_store(Path(tmp) / "features", "dogbreed_shape", classes=a.classes,
@@ -58,10 +57,7 @@ def main():
     print(f"{'stage':<10}{'seconds':>10}{'limit':>8}  ok")
     for k, v in results["seconds"].items():
         print(f"{k:<10}{v:>10.1f}{LIMITS.get(k, float('nan')):>8}  {'yes' if v <= LIMITS.get(k, 1e9) else 'NO'}")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\n{out}")
+    write_json(results, a.out)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,12 @@ LEVEL2 = ("logreg", "lgbm")
 LOGREG_C = 1.0
 LOGREG_TOL = 1e-6
 LOGREG_MAX_ITER = 300
+LEVEL1_TOL = 1e-4
 LGBM_PCA_DIMS = 128
 
 
-def logreg(seed: int = 0, C: float = LOGREG_C):
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, tol=LOGREG_TOL, max_iter=LOGREG_MAX_ITER, random_state=seed))
+def logreg(seed: int = 0, C: float = LOGREG_C, tol: float = LOGREG_TOL):
+    return make_pipeline(StandardScaler(), LogisticRegression(C=C, tol=tol, max_iter=LOGREG_MAX_ITER, random_state=seed))
 
 
 class PCALightGBM(ClassifierMixin, BaseEstimator):
@@ -70,9 +71,9 @@ class PCALightGBM(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
-def per_backbone(columns: dict[str, tuple[int, int]], seed: int, C: float = LOGREG_C):
+def per_backbone(columns: dict[str, tuple[int, int]], seed: int, C: float = LOGREG_C, tol: float = LOGREG_TOL):
     """One standardised logistic regression per backbone, each reading only its own columns."""
-    return [(name, make_pipeline(ColumnTransformer([(name, "passthrough", slice(a, b))]), logreg(seed, C)))
+    return [(name, make_pipeline(ColumnTransformer([(name, "passthrough", slice(a, b))]), logreg(seed, C, tol)))
             for name, (a, b) in columns.items()]
 
 
@@ -102,7 +103,9 @@ class OOFStack(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y):
         self.classes_ = np.unique(y)
-        level1 = [est for _, est in per_backbone(self.columns, self.seed, self.C)]
+        # sklearn's default tolerance: level-1 probabilities need not be calibrated, the level-2 model
+        # recalibrates them, and 4 backbones x (K + 1) tight fits would take minutes (BENCHMARKS.md).
+        level1 = [est for _, est in per_backbone(self.columns, self.seed, self.C, tol=LEVEL1_TOL)]
         self.oof_level1_ = np.hstack([cross_val_predict(clone(est), X, y, cv=self._cv(), method="predict_proba")
                                       for est in level1])
         self.level1_ = [est.fit(X, y) for est in level1]

@@ -1,6 +1,5 @@
 """The demo competition through extraction and stacking, and the exploration notebook executed top to bottom."""
 import json
-import os
 
 import nbclient
 import nbformat
