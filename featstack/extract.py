@@ -18,7 +18,7 @@ from .errors import FeatstackError
 from .layouts import read_layout
 from .paths import DEMO_DATA_DIR, DEMO_NAME, DatasetPaths
 from .split import resolve_split, write_atomic
-from .store import EntryWriter, writer_lock
+from .store import EntryWriter, read_attrs, writer_lock
 
 
 @dataclass
@@ -168,7 +168,7 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
         loop_seconds = time.perf_counter() - loop_started
         for job in jobs:
             if not job.extracted and job.writer.final.exists():
-                job.writer.attrs = _existing_attrs(job.writer.final)
+                job.writer.attrs = read_attrs(job.writer.final)
             else:
                 job.writer.attrs = {**job.backbone.attrs(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
             job.stored = job.writer.merge()
@@ -177,11 +177,6 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
     summary = Summary(paths, jobs, len(table), bad, time.perf_counter() - started, loop_seconds)
     print_summary(summary)
     return summary
-
-
-def _existing_attrs(path: Path) -> dict:
-    from .store import read_attrs
-    return read_attrs(path)
 
 
 def _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, pooling, tta, precision, seed):
