@@ -31,7 +31,7 @@ class PCALightGBM(ClassifierMixin, BaseEstimator):
     """LightGBM made practical on thousands of CNN dims: standardise, PCA, and early stopping on a held-out fold.
 
     120 classes grow 120 trees a round; on 6,656 raw dims that is tens of minutes on 2 cores. PCA to
-    ``pca_dims`` keeps the leading structure of pooled CNN features and cuts each tree's split search ~50x;
+    ``pca_dims`` keeps the leading structure of pooled CNN features and shrinks each tree's split search accordingly;
     63 histogram bins and small trees keep a round cheap; early stopping on a stratified 10% of the training
     rows picks the number of rounds. A minimum leaf hessian and L2 on leaves stop the 120-class softmax from
     diverging (leaf values explode on tiny hessians otherwise).
