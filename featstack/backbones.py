@@ -148,8 +148,6 @@ class Backbone:
         finally:
             keras.config.set_dtype_policy(policy)
         self.width = int(self.model.output_shape[-1])
-        if self.weights == "imagenet" and self.weights_sha256 is None:
-            self.weights_sha256 = sha256_of(self.weights_file)
 
     def _construct(self):
         import keras

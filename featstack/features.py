@@ -69,7 +69,8 @@ def _choose(paths: DatasetPaths, names: list[str] | None) -> dict[str, Path]:
         if len(files) > 1:
             raise FeatstackError(f"--backbones: {name!r} is cached in {len(files)} configurations; name one by its file "
                                  f"stem: {', '.join(p.stem for p in files)}")
-        chosen[read_attrs(files[0]).get("backbone", name)] = files[0]
+        backbone = next(b for b, ps in cached.items() if files[0] in ps)
+        chosen[backbone] = files[0]
     return chosen
 
 

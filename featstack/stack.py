@@ -76,8 +76,8 @@ def run_stack(features: str | Path, *, backbones: list[str] | None = None, model
     ho_proba = estimator.predict_proba(X[holdout]) if len(holdout) else np.zeros((0, len(classes)))
     test_proba = estimator.predict_proba(X[test]) if len(test) else np.zeros((0, len(classes)))
     holdout_report = None
+    y_holdout = np.array([index[l] for l in fs.labels[holdout]], dtype=int)
     if len(holdout):
-        y_holdout = np.array([index[l] for l in fs.labels[holdout]])
         holdout_report = reports.full_report(y_holdout, ho_proba, classes)
     seconds = time.perf_counter() - started
     report = {"run_id": run_id, "dataset": fs.paths.name, "model": model, "backbones": list(fs.blocks),
@@ -90,7 +90,8 @@ def run_stack(features: str | Path, *, backbones: list[str] | None = None, model
               "level2": level2 if model == "stack" else None, "folds": folds, "seed": seed, "C": C,
               "allow_missing": allow_missing, "params": {k: repr(v) for k, v in estimator.get_params(deep=False).items()},
               "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_run(run, estimator, config, report, fs, classes, train, holdout, test, oof, ho_proba, test_proba)
+    _write_run(run, estimator, config, report, fs, classes, train, holdout, test, oof, ho_proba, test_proba,
+               y_holdout)
     print(f"CV   log loss {cv['log_loss']:.4f}  accuracy {cv['accuracy']:.4f}")
     if holdout_report:
         print(f"holdout log loss {holdout_report['log_loss']:.4f}  accuracy {holdout_report['accuracy']:.4f}  "
@@ -100,7 +101,8 @@ def run_stack(features: str | Path, *, backbones: list[str] | None = None, model
     return run.root
 
 
-def _write_run(run: RunPaths, estimator, config, report, fs, classes, train, holdout, test, oof, ho_proba, test_proba):
+def _write_run(run: RunPaths, estimator, config, report, fs, classes, train, holdout, test, oof, ho_proba, test_proba,
+               y_holdout):
     """Everything goes into a hidden folder renamed into place at the end: no half-written run folder."""
     run.root.parent.mkdir(parents=True, exist_ok=True)
     tmp = RunPaths(run.root.parent / f".{run.run_id}.tmp{os.getpid()}")
@@ -115,8 +117,7 @@ def _write_run(run: RunPaths, estimator, config, report, fs, classes, train, hol
         tmp.report_json.write_text(json.dumps(report, indent=2))
         tmp.report_md.write_text(reports.markdown(report))
         if len(holdout):
-            y = np.array([classes.index(l) for l in fs.labels[holdout]])
-            reports.plot_confusion(y, ho_proba, classes, tmp.confusion_png, f"{run.run_id}: holdout")
+            reports.plot_confusion(y_holdout, ho_proba, classes, tmp.confusion_png, f"{run.run_id}: holdout")
         os.rename(tmp.root, run.root)
     finally:
         shutil.rmtree(tmp.root, ignore_errors=True)

@@ -86,7 +86,7 @@ def build(run: Path, fmt: str = "auto", sample: str | Path | None = None, clip: 
     sample_path = Path(sample) if sample else (Path(meta["sample_submission"]) if meta.get("sample_submission") else None)
     if sample and not sample_path.is_file():
         raise FeatstackError(f"--sample {sample}: no such file")
-    sample_frame = pd.read_csv(sample_path, dtype={"id": str}, nrows=None) if sample_path and sample_path.is_file() else None
+    sample_frame = pd.read_csv(sample_path, dtype={"id": str}) if sample_path and sample_path.is_file() else None
     proba = pred[classes].to_numpy(dtype=float)
     if fmt == "cats-dogs":
         if "dog" not in classes or len(classes) != 2:
@@ -144,15 +144,13 @@ def submit(run: str | Path | None = None, *, fmt: str = "auto", sample: str | Pa
            "cv_log_loss": (report.get("cv") or {}).get("log_loss", ""),
            "holdout_log_loss": (report.get("holdout") or {}).get("log_loss", "")}
     print(f"{fmt} submission: {len(frame)} rows x {frame.shape[1]} columns, validated")
-    if competition:
-        from .kaggle import submit_file
-        try:
+    try:
+        if competition:
+            from .kaggle import submit_file
+            row["status"] = "submit failed"  # until the tool says otherwise
             submit_file(competition, out, message or f"featstack {run.name}")
             row["status"] = "submitted"
-        except FeatstackError:
-            row["status"] = "submit failed"
-            append_log(Path(submissions_dir) / "log.csv", row)
-            raise
-    append_log(Path(submissions_dir) / "log.csv", row)
+    finally:
+        append_log(Path(submissions_dir) / "log.csv", row)
     print(out)
     return out
