@@ -1,28 +1,6 @@
 #!/usr/bin/env python
 """Which class (breed) is in this photo? Answers one or many photos through a trained stack.py run."""
-import argparse
-import sys
-
-from featstack.cli import run_main
-from featstack.paths import MODELS_DIR
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("photos", nargs="+", help="image files or folders of images")
-    p.add_argument("--run", default=None, help="a stack.py run folder (default: the newest under --models-dir)")
-    p.add_argument("--top", type=int, default=5, help="classes to print per photo (default 5)")
-    p.add_argument("--json", action="store_true", help="print JSON: every class with its probability, sorted")
-    p.add_argument("--batch-size", type=int, default=32, help="photos per forward pass (default 32)")
-    p.add_argument("--models-dir", default=str(MODELS_DIR), help="where runs are (default models/)")
-    a = p.parse_args(argv)
-    from featstack.predict import predict
-    failed = run_main(predict, a.photos, run=a.run, top=a.top, as_json=a.json, batch_size=a.batch_size,
-                      models_dir=a.models_dir)
-    if failed:
-        print(f"{failed} photo(s) could not be answered", file=sys.stderr)
-        sys.exit(1)
-
+from featstack.commands.predict import main
 
 if __name__ == "__main__":
-    main()
+    main(prog="predict.py")

@@ -1,30 +1,6 @@
 #!/usr/bin/env python
 """Write a run's Kaggle submission, validated, and optionally submit it with the official kaggle tool."""
-import argparse
-
-from featstack.cli import run_main
-from featstack.paths import MODELS_DIR, SUBMISSIONS_DIR
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--run", default=None, help="a stack.py run folder (default: the newest under --models-dir)")
-    p.add_argument("--format", default="auto", help="auto|dog-breed|cats-dogs|generic (default auto: from the layout)")
-    p.add_argument("--sample", default=None, help="the competition's sample_submission.csv (default: from the dataset)")
-    p.add_argument("--out", default=None, help="file to write (default submissions/<run-id>.csv; .csv.gz compresses)")
-    p.add_argument("--clip", type=float, default=None,
-                   help="clip probabilities to [P, 1-P] before renormalising (default none; 0.005 is common for the "
-                        "binary dogs-vs-cats log loss)")
-    p.add_argument("--labels", action="store_true", help="generic format: id,label with the predicted class")
-    p.add_argument("--submit", metavar="COMPETITION", default=None, help="submit with: kaggle competitions submit")
-    p.add_argument("-m", "--message", default=None, help="submission message")
-    p.add_argument("--models-dir", default=str(MODELS_DIR), help="where runs are (default models/)")
-    p.add_argument("--submissions-dir", default=str(SUBMISSIONS_DIR), help="default output folder and log.csv")
-    a = p.parse_args(argv)
-    from featstack.submission import submit
-    run_main(submit, a.run, fmt=a.format, sample=a.sample, out=a.out, clip=a.clip, labels=a.labels,
-             competition=a.submit, message=a.message, models_dir=a.models_dir, submissions_dir=a.submissions_dir)
-
+from featstack.commands.submit import main
 
 if __name__ == "__main__":
-    main()
+    main(prog="submit.py")

@@ -203,6 +203,32 @@ class Backbone:
         return out.reshape(n, -1)
 
 
+def run_backbones(backbones: list[Backbone], arrays: dict[int, np.ndarray],
+                  wanted: list[np.ndarray | None] | None = None) -> tuple[list[np.ndarray | None], list[float]]:
+    """Every backbone's features of one decoded batch: the one loop the local engine, Ray actors and Predictor share.
+
+    ``arrays`` is decode_batch's ``{size: uint8 (n, size, size, 3)}``; ``wanted[k]`` is a boolean mask of the rows
+    backbone ``k`` needs (None: all). Returns, per backbone, float32 features of its wanted rows (None when it
+    wants none), and the seconds its forward passes took.
+    """
+    import time
+    feats: list[np.ndarray | None] = []
+    seconds: list[float] = []
+    for k, b in enumerate(backbones):
+        images = arrays[b.input_size]
+        mask = wanted[k] if wanted is not None else None
+        if mask is not None and not mask.all():
+            images = images[mask]
+        if not len(images):
+            feats.append(None)
+            seconds.append(0.0)
+            continue
+        t0 = time.perf_counter()
+        feats.append(b.features(images))
+        seconds.append(time.perf_counter() - t0)
+    return feats, seconds
+
+
 def resolve(names: list[str], *, weights: str = "imagenet", image_size: int | None = None, pooling: str = "avg",
             tta: str = "none", preprocess_mode: str | None = None, precision: str = "float32",
             seed: int = 0) -> list[Backbone]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
@@ -93,17 +94,14 @@ def run_jobs(jobs: list[Job], table: pd.DataFrame, *, batch_size: int, threads: 
             todo["id"].tolist(), todo["path"].tolist(), sizes, batch_size, threads):
         ok_ids = [i for i, e in zip(batch_ids, errors) if e is None]
         bad_rows += [(i, p, e) for i, p, e in zip(batch_ids, batch_paths, errors) if e is not None]
-        for job in jobs:
-            rows = [k for k, i in enumerate(ok_ids) if i in job.todo]
-            if not rows:
+        wanted = [np.array([i in job.todo for i in ok_ids], dtype=bool) for job in jobs]
+        feats, seconds = bb.run_backbones([job.backbone for job in jobs], arrays, wanted)
+        for job, mask, block, spent in zip(jobs, wanted, feats, seconds):
+            if block is None:
                 continue
-            images = arrays[job.backbone.input_size]
-            images = images if len(rows) == len(ok_ids) else images[rows]
-            t0 = time.perf_counter()
-            feats = job.backbone.features(images)
-            job.seconds += time.perf_counter() - t0
-            job.writer.add([ok_ids[k] for k in rows], feats)
-            job.extracted += len(rows)
+            job.seconds += spent
+            job.writer.add([i for i, w in zip(ok_ids, mask) if w], block)
+            job.extracted += len(block)
         bar.update(len(batch_ids))
     bar.close()
     return pd.DataFrame(bad_rows, columns=["id", "path", "reason"])

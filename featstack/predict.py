@@ -8,7 +8,7 @@ from pathlib import Path
 import joblib
 import numpy as np
 
-from .backbones import Backbone, keras_cache_dir, sha256_of
+from .backbones import Backbone, keras_cache_dir, run_backbones, sha256_of
 from .decode import decode_batch, is_image_file
 from .errors import FeatstackError
 from .stack import newest_run
@@ -89,7 +89,7 @@ class Predictor:
             arrays, errors = decode_batch(chunk, sizes)
             proba = None
             if any(e is None for e in errors):
-                X = np.hstack([b.features(arrays[b.input_size]) for b in self.backbones])
+                X = np.hstack(run_backbones(self.backbones, arrays)[0])
                 proba = self.estimator.predict_proba(X)
             k = 0
             for path, err in zip(chunk, errors):

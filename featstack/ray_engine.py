@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from .backbones import run_backbones
 from .decode import decode_batch
 from .errors import FeatstackError
 
@@ -89,11 +90,13 @@ class ExtractActor:
         ids = [str(i) for i in batch["id"]]
         ok = np.array([e == "" for e in batch["error"]])
         out = {"id": batch["id"], "path": batch["path"], "error": batch["error"]}
-        for k, (b, todo) in enumerate(zip(self.backbones, self.todo)):
-            need = ok & np.array([i in todo for i in ids], dtype=bool)
+        needs = [ok & np.array([i in todo for i in ids], dtype=bool) for todo in self.todo]
+        arrays = {b.input_size: batch[f"img{b.input_size}"] for b in self.backbones}
+        blocks, _ = run_backbones(self.backbones, arrays, needs)
+        for k, (b, need, block) in enumerate(zip(self.backbones, needs, blocks)):
             feats = np.full((len(ids), b.width), np.nan, np.float32)  # NaN marks rows this backbone skips
-            if need.any():
-                feats[need] = b.features(batch[f"img{b.input_size}"][need])
+            if block is not None:
+                feats[need] = block
             out[f"feat{k}"] = feats
         return out
 

@@ -1,0 +1,54 @@
+"""`featstack extract` (and extract_features.py): extract and cache pooled features of frozen ImageNet backbones for every image of a dataset."""
+import argparse
+
+from ..cli import batch_size_arg, comma_list, run_main
+from ..paths import FEATURES_DIR
+
+DESCRIPTION = 'Extract and cache pooled features of frozen ImageNet backbones for every image of a dataset.'
+
+
+def parse_args(argv=None, prog=None):
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    p.add_argument("--data", help="dataset folder (or manifest CSV)")
+    p.add_argument("--layout", default="auto", help="auto|dog-breed|cats-dogs|folders|manifest (default auto)")
+    p.add_argument("--backbones", default=None,
+                   help="comma-separated registry names or .keras/.h5 model paths (PATH:LAYER for a named layer); "
+                        "default xception,inception_v3,resnet50,vgg16")
+    p.add_argument("--weights", default="imagenet", help="imagenet | random | DIR holding Keras's weight files")
+    p.add_argument("--preprocess", default=None, help="tf|caffe|torch: preprocessing for model-file backbones")
+    p.add_argument("--image-size", type=int, default=None, help="override every backbone's input size (px)")
+    p.add_argument("--pooling", default="avg", help="avg|max global pooling (default avg)")
+    p.add_argument("--tta", default="none", help="none|flip: flip averages features of the image and its mirror")
+    p.add_argument("--features-dir", default=str(FEATURES_DIR), help="feature store root (default features/)")
+    p.add_argument("--name", default=None, help="dataset name under the store (default: the data folder's name)")
+    p.add_argument("--holdout", type=float, default=0.1, help="stratified holdout fraction (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of random weights (default 0)")
+    p.add_argument("--batch-size", default=32, type=batch_size_arg, help="images per forward pass, or auto (default 32)")
+    p.add_argument("--precision", default="float32", help="float32|bf16 (mixed precision, for GPUs)")
+    p.add_argument("--decode-threads", type=int, default=None, help="decoder threads (default: CPU count)")
+    p.add_argument("--engine", default="local", help="local|ray (Ray Data, for clusters)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--ray-actors", type=int, default=None, help="Ray: model actors (default: one per GPU or CPU slot)")
+    p.add_argument("--ray-decode-cpus", type=float, default=1, help="Ray: CPUs per decode task (default 1)")
+    p.add_argument("--shard-rows", type=int, default=1024,
+                   help="rows per on-disk shard: the most a killed run loses (default 1024)")
+    p.add_argument("--demo", action="store_true", help="write the embedded digits competition to data/demo and extract it")
+    p.add_argument("--summary-json", default=None, help="also write the end-of-run summary to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None, prog=None):
+    a = parse_args(argv, prog)
+    from ..extract import extract
+    summary = run_main(extract, a.data, layout=a.layout, backbones=comma_list(a.backbones), weights=a.weights,
+             preprocess=a.preprocess, image_size=a.image_size, pooling=a.pooling, tta=a.tta,
+             features_dir=a.features_dir, name=a.name, holdout=a.holdout, seed=a.seed, batch_size=a.batch_size,
+             precision=a.precision, decode_threads=a.decode_threads, demo=a.demo, engine=a.engine,
+             ray_address=a.ray_address, ray_options={"actors": a.ray_actors, "decode_cpus": a.ray_decode_cpus},
+             shard_rows=a.shard_rows, progress=not a.no_progress)
+    if a.summary_json:
+        import json
+        with open(a.summary_json, "w") as f:
+            json.dump(summary.as_dict(), f, indent=2)
+
