@@ -95,6 +95,7 @@ class Backbone:
     model_path: str | None = None  # a user's saved Keras model
     layer: str | None = None
     width: int | None = None
+    batch_rows: int | None = None  # shorter batches are padded to this many rows (see features)
     model: object = field(default=None, repr=False)
 
     @property
@@ -165,7 +166,13 @@ class Backbone:
                     f"ImageNet weights for {self.name} could not be had ({cause}). Put "
                     f"{Path(self.weights_file).name} in {keras_cache_dir()} (Keras's cache) or in a folder passed "
                     "with --weights DIR") from None
-        return constructor(weights=self.weights_file, **kwargs)
+        try:
+            return constructor(weights=self.weights_file, **kwargs)
+        except Exception as exc:  # a truncated or damaged file fails inside h5py or Keras in many ways
+            cause = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+            raise FeatstackError(
+                f"--weights {Path(self.weights_file).parent}: {Path(self.weights_file).name} cannot be loaded for "
+                f"{self.name} ({cause}); it is damaged or truncated: put an intact copy of Keras's file there") from None
 
     def _load_model_file(self):
         import keras
@@ -194,13 +201,18 @@ class Backbone:
     def features(self, images: np.ndarray) -> np.ndarray:
         """float32 (n, width) features of a uint8 (n, s, s, 3) batch."""
         n = len(images)
+        rows = max(n, self.batch_rows or 0)
         x = preprocess(images.astype(np.float32), self.preprocess)  # a fresh copy: preprocess_input works in place
+        if rows > n:
+            # One input shape per model: JAX (and XLA on TensorFlow GPUs) compile each new shape again, which
+            # costs seconds a model on a GPU; zero rows pass through inference alone, without touching real rows.
+            x = np.concatenate([x, np.zeros((rows - n, *x.shape[1:]), np.float32)])
         if self.tta == "flip":
             x = np.concatenate([x, x[:, :, ::-1]])
         out = np.asarray(self.model.predict_on_batch(x), dtype=np.float32)
         if self.tta == "flip":
-            out = (out[:n] + out[n:]) * 0.5  # flipped views are averaged, so the width stays that of the backbone
-        return out.reshape(n, -1)
+            out = (out[:rows] + out[rows:]) * 0.5  # flipped views are averaged, so the width stays that of the backbone
+        return out[:n].reshape(n, -1)
 
 
 def run_backbones(backbones: list[Backbone], arrays: dict[int, np.ndarray],

@@ -17,6 +17,17 @@ def run_main(func, *args, **kwargs):
         sys.exit(130)
 
 
+def parse_command(parser, argv=None):
+    """Every command's parsing: its options plus the shared --verbose, then quiet library output unless it is given."""
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show the TensorFlow/JAX/absl start-up logs, CUDA probing, retracing warnings and "
+                             "Keras's download lines (hidden by default)")
+    args = parser.parse_args(argv)
+    from .quiet import configure
+    configure(verbose=args.verbose)
+    return args
+
+
 def comma_list(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 

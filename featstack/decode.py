@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import io
+import os
+import re
+import stat
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -15,7 +18,9 @@ class BadImage(Exception):
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    """An image by its name: an image suffix and not a folder. Dangling links, unreadable files and other
+    non-files keep their place, so the decoder reports them instead of their vanishing from the dataset."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.is_dir()
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -37,28 +42,78 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, P, CMYK, YCbCr, 1
 
 
-def decode_rgb(path: str | Path) -> Image.Image:
-    """Read and decode one file into an RGB image with EXIF orientation applied, or raise BadImage."""
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
+_FILE_KINDS = ((stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"))
+
+
+def _read_bytes(path: str | Path) -> bytes:
+    """The file's bytes, or BadImage saying in words why it cannot be read."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise BadImage(f"file not found (dangling link to {os.readlink(path)})") from None
+        raise BadImage("file not found") from None
+    except PermissionError:
+        raise BadImage("permission denied") from None
+    except OSError as exc:
+        raise BadImage(f"cannot read the file ({exc.strerror or type(exc).__name__})") from None
+    if stat.S_ISDIR(mode):
+        raise BadImage("a folder, not a file")
+    if not stat.S_ISREG(mode):  # opening a pipe or device would block or read forever
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "a special file")
+        raise BadImage(f"not a regular file ({kind})")
     try:
         with open(path, "rb") as f:
-            data = f.read()
-        if not data:
-            raise BadImage("empty file (0 bytes)")
+            return f.read()
+    except PermissionError:
+        raise BadImage("permission denied") from None
+    except OSError as exc:
+        raise BadImage(f"cannot read the file ({exc.strerror or type(exc).__name__})") from None
+
+
+def _reason(exc: Exception, fmt: str | None) -> str:
+    """A decoder failure in words (PIL's messages name in-memory objects and internal calls)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image (unrecognised format)"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"too large to decode safely ({exc})"
+    if isinstance(exc, MemoryError):
+        return "too large to decode (out of memory)"
+    what = f"{fmt} image" if fmt else "image"
+    message = _OBJECT_REPR.sub("", str(exc).splitlines()[0] if str(exc) else "").strip()
+    if "truncated" in message.lower():
+        return f"truncated {what} (the file ends before the image data does)"
+    return f"damaged {what} data ({message or type(exc).__name__})"
+
+
+def decode_rgb(path: str | Path) -> Image.Image:
+    """Read and decode one file into an RGB image with EXIF orientation applied, or raise BadImage."""
+    return decode_bytes(_read_bytes(path))
+
+
+def decode_bytes(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode a file's bytes (or an upload's) as decode_rgb does, or raise BadImage. ``max_pixels`` refuses a larger
+    image from its header alone, before a pixel is decoded (decompression bombs)."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    img = None
+    try:
         img = Image.open(io.BytesIO(data))
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            raise BadImage(f"{img.width} x {img.height} pixels is more than the limit of {max_pixels:,}")
         img.load()
         img = ImageOps.exif_transpose(img)
         return _to_rgb(img)
     except BadImage:
         raise
-    except FileNotFoundError:
-        raise BadImage("file not found") from None
     except Exception as exc:  # PIL raises many types for broken files; each is a bad image
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadImage(f"{type(exc).__name__}: {reason}") from None
+        raise BadImage(_reason(exc, getattr(img, "format", None))) from None
 
 
 def resize(img: Image.Image, size: int) -> np.ndarray:
-    """uint8 (size, size, 3) array, bilinear, exactly as load_img(target_size=(size, size), interpolation="bilinear")."""
+    """uint8 (size, size, 3) array, bilinear, as load_img(target_size=(size, size), interpolation="bilinear")."""
     if img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)

@@ -16,10 +16,10 @@ from tqdm import tqdm
 from . import backbones as bb
 from .decode import decode_batch
 from .errors import FeatstackError
-from .layouts import read_layout
+from .layouts import describe, read_layout
 from .paths import DEMO_DATA_DIR, DEMO_NAME, DatasetPaths
-from .split import resolve_split, write_atomic
-from .store import EntryWriter, read_attrs, writer_lock
+from .split import plan_split, write_atomic
+from .store import EntryWriter, read_attrs, remove_stray_tmp, writer_lock
 
 
 @dataclass
@@ -111,9 +111,34 @@ def plan_jobs(paths: DatasetPaths, backbones: list[bb.Backbone], ids: set[str], 
     jobs = []
     for b in backbones:
         writer = EntryWriter(paths, b.entry, {}, shard_rows=shard_rows)
-        done = writer.done_ids()
+        done = writer.recover()  # damaged files moved aside, shards a killed merge absorbed deleted
         jobs.append(Job(b, writer, ids - done, cached=len(ids & done)))
     return jobs
+
+
+def still_bad(paths: DatasetPaths, jobs: list[Job], table: pd.DataFrame) -> pd.DataFrame:
+    """Images the last run could not decode that still cannot be: taken out of every job's to-do list.
+
+    Bad images are in no feature file, so each run would otherwise build every model to retry them. They are
+    decoded again here (a fixed file is extracted as usual); the ones that still fail stay in bad_images.csv.
+    """
+    todo = set().union(*(j.todo for j in jobs)) if jobs else set()
+    if not todo or not paths.bad_images_csv.is_file():
+        return pd.DataFrame(columns=["id", "path", "reason"])
+    try:
+        known = set(pd.read_csv(paths.bad_images_csv, dtype=str, keep_default_na=False)["id"])
+    except (OSError, ValueError, KeyError):
+        known = set()
+    retry = table[table["id"].isin(known & todo)]
+    if retry.empty:
+        return pd.DataFrame(columns=["id", "path", "reason"])
+    size = min(j.backbone.input_size for j in jobs)
+    _, errors = decode_batch(retry["path"].astype(str).tolist(), (size,))
+    bad = pd.DataFrame([(i, p, e) for i, p, e in zip(retry["id"], retry["path"], errors) if e is not None],
+                       columns=["id", "path", "reason"])
+    for job in jobs:
+        job.todo -= set(bad["id"])
+    return bad
 
 
 def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: list[str] | None = None,
@@ -133,6 +158,7 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
     if data is None:
         raise FeatstackError("--data: name the dataset folder (or use --demo)")
     table, layout = read_layout(data, layout)
+    print(describe(table, holdout), flush=True)  # what was detected, before the long work starts
     name = name or (Path(data).stem if Path(data).is_file() else Path(data).resolve().name)
     paths = DatasetPaths.of(features_dir, name)
     if batch_size == "auto":
@@ -141,37 +167,50 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
     if batch_size < 1:
         raise FeatstackError(f"--batch-size {batch_size}: must be at least 1")
     threads = decode_threads or os.cpu_count() or 1
+    if engine not in ("local", "ray"):
+        raise FeatstackError(f"--engine {engine}: choose local or ray")
     resolved = bb.resolve(list(backbones or bb.DEFAULT_BACKBONES), weights=weights, image_size=image_size,
                           pooling=pooling, tta=tta, preprocess_mode=preprocess, precision=precision, seed=seed)
     with writer_lock(paths):
-        table = resolve_split(paths, table, holdout=holdout, seed=seed, layout=layout, data=Path(data))
+        remove_stray_tmp(paths)  # temporary files of writes a killed run left behind
+        # Everything that can fail is decided before split.csv and dataset.json are written.
+        split = plan_split(paths, table, holdout=holdout, seed=seed, layout=layout, data=Path(data))
+        table = split.table
         ids = set(table["id"])
         jobs = plan_jobs(paths, resolved, ids, shard_rows)
+        known_bad = still_bad(paths, jobs, table)
         if demo and weights == "imagenet":
             jobs = _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, pooling, tta, precision, seed)
+            known_bad = still_bad(paths, jobs, table)
         if engine == "local":
             for job in jobs:
                 if job.todo:
                     job.backbone.build()  # the Ray engine builds on its actors instead
+        split.write(paths)
         active = [j for j in jobs if j.todo]
+        for job in active:
+            job.backbone.batch_rows = batch_size  # every forward pass gets one shape: each model compiles once
         loop_started = time.perf_counter()
         if engine == "ray":
             from .ray_engine import run_jobs_ray
             bad = run_jobs_ray(active, table, batch_size=batch_size, address=ray_address, options=ray_options or {},
                                progress=progress)
-        elif engine == "local":
-            bad = run_jobs(active, table, batch_size=batch_size, threads=threads, progress=progress)
         else:
-            raise FeatstackError(f"--engine {engine}: choose local or ray")
+            bad = run_jobs(active, table, batch_size=batch_size, threads=threads, progress=progress)
+        if len(known_bad):
+            bad = pd.concat([known_bad, bad], ignore_index=True) if len(bad) else known_bad
         loop_seconds = time.perf_counter() - loop_started
         for job in jobs:
             if not job.extracted and job.writer.final.exists():
                 job.writer.attrs = read_attrs(job.writer.final)
             else:
-                job.writer.attrs = {**job.backbone.attrs(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                # Forward-pass seconds, summed over the runs that filled the file (unknown if an earlier run kept none).
+                before = read_attrs(job.writer.final).get("extract_seconds") if job.writer.final.exists() else 0.0
+                job.writer.attrs = {**job.backbone.attrs(), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                    "extract_seconds": None if before is None else round(before + job.seconds, 3)}
             job.stored = job.writer.merge()
-        if active:
-            write_atomic(paths.bad_images_csv, lambda p: bad.to_csv(p, index=False))
+        # Always rewritten, also by a fully cached run: it lists the current table's bad images, no others.
+        write_atomic(paths.bad_images_csv, lambda p: bad.to_csv(p, index=False))
     summary = Summary(paths, jobs, len(table), bad, time.perf_counter() - started, loop_seconds)
     print_summary(summary)
     return summary

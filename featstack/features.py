@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from filelock import FileLock, Timeout
 
 from .errors import FeatstackError
 from .paths import DatasetPaths
@@ -26,6 +28,25 @@ class FeatureSet:
     labels: np.ndarray
     blocks: dict[str, np.ndarray]
     entries: dict[str, dict] = field(default_factory=dict)  # backbone -> file name and attributes
+    bad_left_out: int = 0  # labelled ids listed in bad_images.csv, left out of training and holdout
+    # Test ids listed in bad_images.csv: no features, but a submission needs a row for each of them.
+    unfeatured_test_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=object))
+
+    @property
+    def random_weights(self) -> bool:
+        """Whether these features come from randomly initialised backbones (a smoke test or the offline demo)."""
+        return any(e.get("weights") == "random" for e in self.entries.values())
+
+    def bad_images_note(self) -> str | None:
+        """One line saying how many undecodable images were left out, or None when there were none."""
+        if not self.bad_left_out and not len(self.unfeatured_test_ids):
+            return None
+        count = self.bad_left_out + len(self.unfeatured_test_ids)
+        note = (f"note: {count} images listed in {self.paths.bad_images_csv} (could not be decoded) have no "
+                f"features: {self.bad_left_out} left out of training and holdout")
+        if len(self.unfeatured_test_ids):
+            note += f", {len(self.unfeatured_test_ids)} test images predicted as the training class frequencies"
+        return note
 
     @property
     def classes(self) -> list[str]:
@@ -74,6 +95,33 @@ def _choose(paths: DatasetPaths, names: list[str] | None) -> dict[str, Path]:
     return chosen
 
 
+def read_bad_ids(paths: DatasetPaths) -> set[str]:
+    """Ids that extraction could not decode (bad_images.csv); empty when the file is absent."""
+    if not paths.bad_images_csv.exists():
+        return set()
+    try:
+        bad = pd.read_csv(paths.bad_images_csv, dtype=str, keep_default_na=False)
+        return set(bad["id"])
+    except (ValueError, KeyError, OSError) as exc:
+        raise FeatstackError(f"{paths.bad_images_csv}: unreadable ({str(exc).splitlines()[0][:80]}); rerun "
+                             "extract_features.py on this dataset to rewrite it") from None
+
+
+def extraction_running(paths: DatasetPaths) -> bool:
+    """Whether an extract_features.py run holds this dataset's lock right now."""
+    if not paths.lock_file.exists():
+        return False
+    lock = FileLock(str(paths.lock_file), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    except OSError:
+        return False  # a read-only store (e.g. a Kaggle input dataset) cannot be being written
+    lock.release()
+    return False
+
+
 def load_features(features: str | Path, backbones: list[str] | None = None, allow_missing: bool = False) -> FeatureSet:
     paths = DatasetPaths(Path(features))
     if not paths.root.is_dir():
@@ -91,6 +139,8 @@ def load_features(features: str | Path, backbones: list[str] | None = None, allo
         raise FeatstackError("refusing to mix random-weight and trained-weight features: "
                              f"{', '.join(n + (' (random)' if r else '') for n, r in kinds.items())}")
     split_ids = split["id"].to_numpy(object)
+    bad_ids = read_bad_ids(paths)
+    is_bad = np.fromiter((i in bad_ids for i in split_ids), bool, len(split_ids))
     keep = np.ones(len(split_ids), bool)
     rows_of = {}
     for name, e in entries.items():
@@ -100,12 +150,17 @@ def load_features(features: str | Path, backbones: list[str] | None = None, allo
         row_of = dict(zip(e.ids, range(len(e.ids))))
         rows = np.fromiter((row_of.get(i, -1) for i in split_ids), np.int64, len(split_ids))
         present = rows >= 0
-        if not present.all():
-            if not allow_missing:
-                raise FeatstackError(f"{e.path.name}: {int((~present).sum())} of {len(split_ids)} ids of split.csv have "
-                                     f"no {name} features; rerun extract_features.py, or pass --allow-missing to use "
-                                     "the ids every backbone has")
-            keep &= present
+        # Undecodable images never get features; only ids missing for another reason stop the run.
+        unexplained = int((~present & ~is_bad).sum())
+        if unexplained and not allow_missing:
+            if extraction_running(paths):
+                raise FeatstackError(f"{e.path.name}: {unexplained} of {len(split_ids)} ids of split.csv have no "
+                                     f"{name} features yet; an extract_features.py run is writing them now (lock "
+                                     f"{paths.lock_file}): wait for it to finish, then run stack.py again")
+            raise FeatstackError(f"{e.path.name}: {unexplained} of {len(split_ids)} ids of split.csv have "
+                                 f"no {name} features; rerun extract_features.py, or pass --allow-missing to use "
+                                 "the ids every backbone has")
+        keep &= present
         rows_of[name] = rows
     blocks = {}
     for name, e in entries.items():
@@ -114,7 +169,44 @@ def load_features(features: str | Path, backbones: list[str] | None = None, allo
             blocks[name] = e.features if keep.all() else e.features[keep]
         else:
             blocks[name] = e.features[rows[keep]]
+    unfeatured_bad = ~keep & is_bad
+    is_test = split["split"].to_numpy(object) == "test"
     split = split[keep].reset_index(drop=True)
     return FeatureSet(paths, meta, split["id"].to_numpy(object), split["split"].to_numpy(object),
                       split["label"].to_numpy(object), blocks,
-                      {n: {"file": e.path.name, **e.attrs} for n, e in entries.items()})
+                      {n: {"file": e.path.name, **e.attrs} for n, e in entries.items()},
+                      bad_left_out=int((unfeatured_bad & ~is_test).sum()),
+                      unfeatured_test_ids=split_ids[unfeatured_bad & is_test])
+
+
+def exclude_training_rows(fs: FeatureSet, file: str | Path) -> dict:
+    """Take the training rows whose ids a CSV lists (any CSV with an ``id`` column) out of training.
+
+    Holdout and test rows are never excluded, so holdout scores stay comparable across runs. An id that is not in
+    the dataset is an error: the file most likely belongs to another dataset.
+    """
+    path = Path(file)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise FeatstackError(f"--exclude {file}: no such file") from None
+    except (ValueError, OSError) as exc:
+        raise FeatstackError(f"--exclude {file}: cannot read it as CSV ({str(exc).splitlines()[0][:80]})") from None
+    if "id" not in table.columns:
+        raise FeatstackError(f"--exclude {file}: needs an id column; found {', '.join(table.columns) or 'no columns'}")
+    wanted = set(table["id"])
+    unknown = sorted(wanted - set(fs.ids))
+    if unknown:
+        raise FeatstackError(f"--exclude {file}: {len(unknown)} ids are not in dataset {fs.paths.name} (first: "
+                             f"{unknown[0]!r}); pass a CSV of this dataset's ids")
+    listed = np.fromiter((i in wanted for i in fs.ids), bool, len(fs.ids))
+    train_rows = listed & (fs.split == "train")
+    before = set(fs.labels[fs.split == "train"])
+    after = set(fs.labels[(fs.split == "train") & ~train_rows])
+    if before - after:
+        raise FeatstackError(f"--exclude {file}: takes out every training row of class {sorted(before - after)[0]!r}; "
+                             "keep at least a few of them")
+    fs.split = np.where(train_rows, "excluded", fs.split).astype(object)
+    return {"file": str(path.resolve()), "ids": len(wanted), "train_rows": int(train_rows.sum()),
+            "holdout_kept": int((listed & (fs.split == "holdout")).sum()),
+            "test_kept": int((listed & (fs.split == "test")).sum())}

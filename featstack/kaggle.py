@@ -1,6 +1,8 @@
 """The official kaggle command-line tool: credentials checked first, failures explained in one line."""
 from __future__ import annotations
 
+import base64
+import contextlib
 import json
 import os
 import shutil
@@ -57,18 +59,48 @@ def find_credentials() -> str:
         f"kaggle.json as {where} and chmod 600 it (or set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN)")
 
 
+def secrets() -> list[str]:
+    """The configured credential values (and their HTTP Basic form), longest first, for redaction."""
+    values = [os.environ.get(v, "") for v in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN")]
+    pairs = [(values[0], values[1])]
+    for folder in config_dirs():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            creds = json.loads((folder / "kaggle.json").read_text())
+            values += [str(creds.get("username", "")), str(creds.get("key", ""))]
+            pairs.append((str(creds.get("username", "")), str(creds.get("key", ""))))
+        with contextlib.suppress(OSError):
+            values.append((folder / "access_token").read_text().strip())
+    # Some kaggle versions echo the Authorization header, where username:key appears base64-encoded.
+    values += [base64.b64encode(f"{u}:{k}".encode()).decode() for u, k in pairs if u and k]
+    # Values under 3 characters cannot be told apart from ordinary text; Kaggle's are far longer.
+    return sorted({v for v in values if len(v) >= 3}, key=len, reverse=True)
+
+
+def redact(text: str) -> str:
+    """``text`` with every configured Kaggle credential value replaced by ***."""
+    for value in secrets():
+        text = text.replace(value, "***")
+    return text
+
+
+def find_kaggle() -> str | None:
+    """The kaggle tool where the user installed it: beside the running Python (a venv's bin/) first, then PATH."""
+    return shutil.which("kaggle", path=str(Path(sys.executable).parent)) or shutil.which("kaggle")
+
+
 def submit_file(competition: str, path: Path, message: str) -> None:
     source = find_credentials()
-    exe = shutil.which("kaggle")
+    exe = find_kaggle()
     if exe is None:
-        raise FeatstackError("the kaggle command-line tool is not installed: pip install kaggle")
+        raise FeatstackError(f"the kaggle command-line tool is not installed (not in {Path(sys.executable).parent} "
+                             f"nor on PATH): {sys.executable} -m pip install kaggle")
     print(f"submitting {path} to {competition} (credentials from {source})")
     cmd = [exe, "competitions", "submit", competition, "-f", str(path), "-m", message]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
         raise FeatstackError("kaggle competitions submit did not answer in 10 minutes; check the network") from None
-    output = (proc.stdout + proc.stderr).strip()
+    output = redact((proc.stdout + proc.stderr).strip())
     # The tool has been known to print an HTTP error yet exit 0, so its words count as much as its exit code.
     failed = proc.returncode != 0 or any(s in output for s in ("403", "404", "401", "error", "Error"))
     if failed:

@@ -70,6 +70,23 @@ class RunPaths:
     report_json = property(lambda self: self.root / "report.json")
     report_md = property(lambda self: self.root / "report.md")
     confusion_png = property(lambda self: self.root / "confusion.png")
+    audit_dir = property(lambda self: self.root / "audit")
+
+
+@dataclass(frozen=True)
+class AuditPaths:
+    """Files of one run's data audit: ``<run>/audit/``."""
+
+    root: Path
+
+    label_issues_csv = property(lambda self: self.root / "label_issues.csv")
+    duplicates_csv = property(lambda self: self.root / "duplicates.csv")
+    outliers_csv = property(lambda self: self.root / "outliers.csv")
+    audit_md = property(lambda self: self.root / "audit.md")
+    image_sizes_png = property(lambda self: self.root / "image_sizes.png")
+    class_balance_png = property(lambda self: self.root / "class_balance.png")
+    label_issues_png = property(lambda self: self.root / "label_issues.png")
+    duplicates_png = property(lambda self: self.root / "duplicates.png")
 
 
 def safe_name(text: str) -> str:

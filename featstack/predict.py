@@ -11,7 +11,7 @@ import numpy as np
 from .backbones import Backbone, keras_cache_dir, run_backbones, sha256_of
 from .decode import decode_batch, is_image_file
 from .errors import FeatstackError
-from .stack import newest_run
+from .stack import newest_run, read_run_json
 
 
 def backbone_from_attrs(attrs: dict) -> Backbone:
@@ -50,11 +50,26 @@ def expand(photos: list[str]) -> list[str]:
         path = Path(p)
         if path.is_dir():
             out += [str(q) for q in sorted(path.iterdir()) if is_image_file(q)]
+        elif not path.exists() and not path.is_symlink():  # checked before seconds go into loading backbones
+            raise FeatstackError(f"{p}: no such file or folder; check the photo's path")
         else:
-            out.append(p)  # missing or unreadable files are reported per photo by the decoder
+            out.append(p)  # unreadable files (and dangling links) are reported per photo by the decoder
     if not out:
         raise FeatstackError(f"no photos given (folders searched: {', '.join(photos)})")
     return out
+
+
+def load_fitted(run: Path, config: dict):
+    """The run's fitted estimator and classes, or one line naming a damaged model.joblib and how to rebuild it."""
+    path = run / "model.joblib"
+    try:
+        fitted = joblib.load(path)
+        return fitted["estimator"], fitted["classes"]
+    except Exception as exc:  # a truncated pickle fails in many ways (EOFError, UnpicklingError, KeyError, ...)
+        rebuild = (f"stack.py --features {config.get('features_dir')} --model {config.get('model')} "
+                   f"--backbones {','.join(config.get('backbones') or [])}")
+        raise FeatstackError(f"{path}: damaged or unreadable ({type(exc).__name__}); rebuild the run with: "
+                             f"{rebuild}") from None
 
 
 class Predictor:
@@ -65,9 +80,8 @@ class Predictor:
         config_path = self.run / "config.json"
         if not config_path.is_file():
             raise FeatstackError(f"--run {self.run}: not a stack.py run folder (no config.json)")
-        self.config = json.loads(config_path.read_text())
-        fitted = joblib.load(self.run / "model.joblib")
-        self.estimator, self.classes = fitted["estimator"], fitted["classes"]
+        self.config = read_run_json(config_path)
+        self.estimator, self.classes = load_fitted(self.run, self.config)
         self.backbones = []
         for name in self.config["backbones"]:
             attrs = self.config["feature_files"][name]
@@ -80,17 +94,25 @@ class Predictor:
         for b in self.backbones:
             b.build()
 
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The distinct input sizes the run's backbones take: each photo is resized once to each."""
+        return tuple(sorted({b.input_size for b in self.backbones}))
+
+    def predict_arrays(self, arrays: dict[int, np.ndarray]) -> np.ndarray:
+        """Class probabilities (n, classes) of one decoded batch, given as decode_batch's {size: uint8 (n, s, s, 3)}."""
+        X = np.hstack(run_backbones(self.backbones, arrays)[0])
+        return self.estimator.predict_proba(X)
+
     def predict(self, paths: list[str], batch_size: int = 32) -> list[tuple[str, np.ndarray | None, str | None]]:
         """(path, probabilities in self.classes order or None, error or None) for every path, in order."""
-        sizes = tuple(sorted({b.input_size for b in self.backbones}))
         results = []
         for start in range(0, len(paths), batch_size):
             chunk = paths[start:start + batch_size]
-            arrays, errors = decode_batch(chunk, sizes)
+            arrays, errors = decode_batch(chunk, self.sizes)
             proba = None
             if any(e is None for e in errors):
-                X = np.hstack(run_backbones(self.backbones, arrays)[0])
-                proba = self.estimator.predict_proba(X)
+                proba = self.predict_arrays(arrays)
             k = 0
             for path, err in zip(chunk, errors):
                 if err is None:
@@ -106,6 +128,11 @@ def predict(photos: list[str], *, run: str | Path | None = None, top: int = 5, a
     """Print the top classes of every photo; returns the number of photos that could not be answered."""
     if top < 1:
         raise FeatstackError(f"--top {top}: must be at least 1")
+    if batch_size == "auto":
+        from .extract import auto_batch_size
+        batch_size = auto_batch_size()
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise FeatstackError(f"--batch-size {batch_size}: give a positive whole number or auto")
     paths = expand(photos)
     predictor = Predictor(run, models_dir)
     classes = np.array(predictor.classes)

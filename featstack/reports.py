@@ -7,6 +7,8 @@ from sklearn.metrics import (accuracy_score, classification_report, confusion_ma
                              top_k_accuracy_score)
 
 EPS = 1e-15
+RANDOM_WEIGHTS_NOTE = ("note: these features come from RANDOM weights (weights=random: a smoke test or the offline "
+                       "demo); the scores say nothing about what ImageNet features would give")
 
 
 def kaggle_log_loss(y: np.ndarray, proba: np.ndarray) -> float:
@@ -81,7 +83,7 @@ def plot_confusion(y: np.ndarray, proba: np.ndarray, classes: list[str], path, t
                             color="white" if cm[t, p] > 0.5 else "black")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, metadata={"Title": title})  # the title also as PNG text, readable without OCR
     plt.close(fig)
 
 
@@ -90,9 +92,21 @@ def markdown(report: dict) -> str:
     lines = [f"# Run {report['run_id']}", "",
              f"Model `{report['model']}` on backbones {', '.join(report['backbones'])} "
              f"({report['rows']['train']} training rows, {report['rows']['holdout']} holdout, "
-             f"{report['rows']['test']} test; {report['folds']}-fold CV).", "",
-             "| scored on | log loss | accuracy | top-5 accuracy |", "|---|---|---|---|",
-             f"| {report['folds']}-fold CV (train) | {cv['log_loss']:.4f} | {cv['accuracy']:.4f} | {cv['top5_accuracy']:.4f} |"]
+             f"{report['rows']['test']} test; {report['folds']}-fold CV).", ""]
+    if report.get("weights") == "random":
+        lines += ["**RANDOM weights** (weights=random: a smoke test or the offline demo): these scores say nothing "
+                  "about what ImageNet features would give.", ""]
+    bad = report.get("bad_images") or {}
+    if bad.get("left_out") or bad.get("test_class_frequencies"):
+        lines += [f"{bad.get('left_out', 0)} undecodable images (bad_images.csv) were left out of training and "
+                  f"holdout; {bad.get('test_class_frequencies', 0)} undecodable test images were predicted as the "
+                  "training class frequencies.", ""]
+    excluded = report.get("excluded")
+    if excluded:
+        lines += [f"{excluded['train_rows']} training rows were left out (`--exclude {excluded['file']}`); holdout rows "
+                  "are never excluded.", ""]
+    lines += ["| scored on | log loss | accuracy | top-5 accuracy |", "|---|---|---|---|",
+              f"| {report['folds']}-fold CV (train) | {cv['log_loss']:.4f} | {cv['accuracy']:.4f} | {cv['top5_accuracy']:.4f} |"]
     if ho:
         lines.append(f"| holdout | {ho['log_loss']:.4f} | {ho['accuracy']:.4f} | {ho['top5_accuracy']:.4f} |")
         lines += ["", "## Holdout averages", "", "| average | precision | recall | F1 | support |", "|---|---|---|---|---|"]
@@ -106,7 +120,22 @@ def markdown(report: dict) -> str:
         lines += ["", "![confusion matrix](confusion.png)"]
     else:
         lines += ["", "No holdout rows (the split was made with --holdout 0): CV scores only."]
+    if summary_lines(report):
+        lines += ["", "## Fitted choices", ""] + [f"- {line}" for line in summary_lines(report)]
     return "\n".join(lines) + "\n"
+
+
+def summary_lines(report: dict) -> list[str]:
+    """Blend weights and C chosen by CV (with the grid's CV log loss), for the console and report.md."""
+    lines = []
+    if report.get("blend_weights"):
+        lines.append("blend weights: " + ", ".join(f"{n} {w:.3f}" for n, w in report["blend_weights"].items()))
+    for name, c in (report.get("C") or {}).items():
+        if c.get("grid"):
+            grid = ", ".join(f"C={k}: {v:.4f}" for k, v in c["grid"].items())
+            lines.append(f"{name}: C = {c['C']:g} chosen by {report['folds']}-fold CV on training rows "
+                         f"(CV log loss {grid})")
+    return lines
 
 
 def predictions_frame(ids, proba: np.ndarray, classes: list[str], labels=None) -> pd.DataFrame:

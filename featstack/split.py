@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +14,7 @@ from sklearn.model_selection import train_test_split
 
 from .errors import FeatstackError
 from .paths import DatasetPaths
+from .store import disk_full_error, is_disk_full
 
 SPLITS = ("train", "holdout", "test")
 
@@ -22,6 +25,10 @@ def write_atomic(path: Path, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path.parent, path.name) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -40,7 +47,17 @@ def assign_holdout(table: pd.DataFrame, holdout: float, seed: int) -> pd.DataFra
             raise FeatstackError(
                 f"class {counts.idxmin()!r} has only {counts.min()} labelled image; a stratified holdout needs 2 "
                 "per class: add images or pass --holdout 0")
-        _, held = train_test_split(table.index[free], test_size=holdout, random_state=seed,
+        n, classes = int(free.sum()), len(counts)
+        held_count = math.ceil(holdout * n)  # how scikit-learn rounds a fractional test_size
+        if held_count < classes:
+            # A stratified holdout needs one image of every class: a small dataset holds out one per class.
+            print(f"--holdout {holdout} of {n} labelled images is fewer than one per class; holding out {classes} "
+                  "(one per class)")
+            held_count = classes
+        if n - held_count < classes:
+            raise FeatstackError(f"--holdout {holdout}: holding out {held_count} of {n} labelled images leaves fewer "
+                                 f"training images than the {classes} classes; pass a smaller --holdout")
+        _, held = train_test_split(table.index[free], test_size=held_count, random_state=seed,
                                    stratify=table.loc[free, "label"])
         table.loc[held, "split"] = "holdout"
     table.loc[~labelled, "split"] = "test"
@@ -52,8 +69,31 @@ def _hash_fraction(image_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+@dataclass
+class SplitPlan:
+    """The split a run will use, decided in memory: written only once the run can go ahead."""
+
+    table: pd.DataFrame  # the run's table with its split column filled
+    saved: pd.DataFrame  # split.csv's rows: every id it held before, then the new ones
+    meta: dict  # dataset.json
+
+    def write(self, paths: DatasetPaths) -> None:
+        paths.root.mkdir(parents=True, exist_ok=True)
+        meta = {**self.meta, "updated": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_atomic(paths.split_csv, lambda p: self.saved.to_csv(p, index=False))
+        write_atomic(paths.dataset_json, lambda p: p.write_text(json.dumps(meta, indent=2)))
+
+
 def resolve_split(paths: DatasetPaths, table: pd.DataFrame, *, holdout: float, seed: int, layout: str,
                   data: Path) -> pd.DataFrame:
+    """The table with its split, taken from split.csv when it exists; split.csv and dataset.json are (re)written."""
+    plan = plan_split(paths, table, holdout=holdout, seed=seed, layout=layout, data=data)
+    plan.write(paths)
+    return plan.table
+
+
+def plan_split(paths: DatasetPaths, table: pd.DataFrame, *, holdout: float, seed: int, layout: str,
+               data: Path) -> SplitPlan:
     """The table with its split, taken from split.csv when it exists (new ids are placed deterministically)."""
     params = {"holdout": holdout, "seed": seed}
     if paths.split_csv.exists() and paths.dataset_json.exists():
@@ -78,17 +118,15 @@ def resolve_split(paths: DatasetPaths, table: pd.DataFrame, *, holdout: float, s
     else:
         table = assign_holdout(table, holdout, seed)
         merged = table[["id", "split", "label"]]
-    paths.root.mkdir(parents=True, exist_ok=True)
-    write_atomic(paths.split_csv, lambda p: merged.to_csv(p, index=False))
     meta = {
         "name": paths.name, "data": str(Path(data).resolve()), "layout": layout, **params,
         "classes": sorted(merged["label"].dropna().unique().tolist()),
-        "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if table.attrs.get("class_folders"):  # class name -> original folder (WordNet id kept here only)
+        meta["class_folders"] = table.attrs["class_folders"]
     sample = Path(data) / "sample_submission.csv"
     meta["sample_submission"] = str(sample.resolve()) if sample.is_file() else None
-    write_atomic(paths.dataset_json, lambda p: p.write_text(json.dumps(meta, indent=2)))
-    return table
+    return SplitPlan(table, merged, meta)
 
 
 def read_split(paths: DatasetPaths) -> pd.DataFrame:

@@ -1,6 +1,7 @@
 """Stacker stage: cached features -> out-of-fold CV -> refit -> one holdout score -> a complete run folder."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
@@ -15,8 +16,9 @@ import pandas as pd
 from . import models as M
 from . import reports
 from .errors import FeatstackError
-from .features import FeatureSet, load_features
+from .features import FeatureSet, exclude_training_rows, load_features
 from .paths import MODELS_DIR, RunPaths
+from .split import is_disk_full
 
 
 def _versions() -> dict:
@@ -41,20 +43,29 @@ def _check_trainable(fs: FeatureSet, folds: int) -> None:
 
 def run_stack(features: str | Path, *, backbones: list[str] | None = None, model: str = "logreg",
               level2: str = "logreg", folds: int = 5, seed: int = 0, models_dir: str | Path = MODELS_DIR,
-              allow_missing: bool = False, run_id: str | None = None, C: float = M.LOGREG_C) -> Path:
+              allow_missing: bool = False, run_id: str | None = None, C: float | str = M.LOGREG_C,
+              exclude: str | Path | None = None) -> Path:
     """Fit one model honestly and write its run folder; returns the folder."""
     started = time.perf_counter()
     if model not in M.MODELS:
         raise FeatstackError(f"--model {model}: choose one of {', '.join(M.MODELS)}")
     if level2 not in M.LEVEL2:
         raise FeatstackError(f"--level2 {level2}: choose one of {', '.join(M.LEVEL2)}")
-    if not C > 0:
-        raise FeatstackError(f"--C {C}: must be positive")
+    C = M.parse_C(C)
     if folds < 2:
         raise FeatstackError(f"--folds {folds}: needs at least 2")
     t0 = time.perf_counter()
     fs = load_features(features, backbones, allow_missing)
     load_seconds = time.perf_counter() - t0
+    excluded = exclude_training_rows(fs, exclude) if exclude else None
+    if excluded:
+        print(f"--exclude {exclude}: {excluded['train_rows']} training rows left out"
+              + (f"; {excluded['holdout_kept']} holdout rows kept (holdout rows are never excluded)"
+                 if excluded["holdout_kept"] else ""))
+    if fs.bad_images_note():
+        print(fs.bad_images_note())
+    if fs.random_weights:
+        print(reports.RANDOM_WEIGHTS_NOTE)
     _check_trainable(fs, folds)
     run_id = run_id or f"{fs.paths.name}-{model}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = RunPaths(Path(models_dir) / run_id)
@@ -75,23 +86,34 @@ def run_stack(features: str | Path, *, backbones: list[str] | None = None, model
     cv = reports.scores(y_train, oof, classes)
     ho_proba = estimator.predict_proba(X[holdout]) if len(holdout) else np.zeros((0, len(classes)))
     test_proba = estimator.predict_proba(X[test]) if len(test) else np.zeros((0, len(classes)))
+    # A test image that could not be decoded still needs its row in a submission: the training class frequencies.
+    prior = np.bincount(y_train, minlength=len(classes)) / len(y_train)
+    test_ids = np.concatenate([fs.ids[test], fs.unfeatured_test_ids])
+    test_proba = np.vstack([test_proba, np.tile(prior, (len(fs.unfeatured_test_ids), 1))])
     holdout_report = None
     y_holdout = np.array([index[l] for l in fs.labels[holdout]], dtype=int)
     if len(holdout):
         holdout_report = reports.full_report(y_holdout, ho_proba, classes)
     seconds = time.perf_counter() - started
     report = {"run_id": run_id, "dataset": fs.paths.name, "model": model, "backbones": list(fs.blocks),
-              "folds": folds, "rows": {"train": len(train), "holdout": len(holdout), "test": len(test)},
-              "cv": cv, "holdout": holdout_report, "seconds": round(seconds, 2),
-              "timings": {"load": round(load_seconds, 3), "cv_and_fit": round(fit_seconds, 3)}}
+              "folds": folds, "rows": {"train": len(train), "holdout": len(holdout), "test": len(test_ids)},
+              "weights": "random" if fs.random_weights else "trained",
+              "bad_images": {"left_out": fs.bad_left_out, "test_class_frequencies": len(fs.unfeatured_test_ids)},
+              "excluded": excluded, "cv": cv, "holdout": holdout_report, "seconds": round(seconds, 2),
+              "timings": {"load": round(load_seconds, 3), "cv_and_fit": round(fit_seconds, 3)},
+              **M.fitted_summary(estimator)}
     config = {"run_id": run_id, "dataset": fs.paths.name, "features_dir": str(fs.paths.root.resolve()),
               "dataset_meta": fs.meta, "backbones": list(fs.blocks), "feature_files": fs.entries,
               "columns": {k: list(v) for k, v in fs.column_ranges.items()}, "classes": classes, "model": model,
               "level2": level2 if model == "stack" else None, "folds": folds, "seed": seed, "C": C,
-              "allow_missing": allow_missing, "params": {k: repr(v) for k, v in estimator.get_params(deep=False).items()},
+              "allow_missing": allow_missing, "exclude": excluded, "random_weights": fs.random_weights,
+              "test_ids_class_frequencies": list(fs.unfeatured_test_ids),
+              "params": {k: repr(v) for k, v in estimator.get_params(deep=False).items()},
               "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    _write_run(run, estimator, config, report, fs, classes, train, holdout, test, oof, ho_proba, test_proba,
+    _write_run(run, estimator, config, report, fs, classes, train, holdout, test_ids, oof, ho_proba, test_proba,
                y_holdout)
+    for line in reports.summary_lines(report):
+        print(line)
     print(f"CV   log loss {cv['log_loss']:.4f}  accuracy {cv['accuracy']:.4f}")
     if holdout_report:
         print(f"holdout log loss {holdout_report['log_loss']:.4f}  accuracy {holdout_report['accuracy']:.4f}  "
@@ -101,32 +123,55 @@ def run_stack(features: str | Path, *, backbones: list[str] | None = None, model
     return run.root
 
 
-def _write_run(run: RunPaths, estimator, config, report, fs, classes, train, holdout, test, oof, ho_proba, test_proba,
-               y_holdout):
+def _write_run(run: RunPaths, estimator, config, report, fs, classes, train, holdout, test_ids, oof, ho_proba,
+               test_proba, y_holdout):
     """Everything goes into a hidden folder renamed into place at the end: no half-written run folder."""
-    run.root.parent.mkdir(parents=True, exist_ok=True)
     tmp = RunPaths(run.root.parent / f".{run.run_id}.tmp{os.getpid()}")
-    shutil.rmtree(tmp.root, ignore_errors=True)
-    tmp.root.mkdir()
     try:
+        run.root.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp.root, ignore_errors=True)
+        tmp.root.mkdir()
         joblib.dump({"estimator": estimator, "classes": classes, "backbones": list(fs.blocks)}, tmp.model_joblib)
         tmp.config_json.write_text(json.dumps(config, indent=2, default=str))
         reports.predictions_frame(fs.ids[train], oof, classes, fs.labels[train]).to_csv(tmp.oof_csv, index=False)
         reports.predictions_frame(fs.ids[holdout], ho_proba, classes, fs.labels[holdout]).to_csv(tmp.holdout_csv, index=False)
-        reports.predictions_frame(fs.ids[test], test_proba, classes).to_csv(tmp.test_csv, index=False)
+        reports.predictions_frame(test_ids, test_proba, classes).to_csv(tmp.test_csv, index=False)
         tmp.report_json.write_text(json.dumps(report, indent=2))
         tmp.report_md.write_text(reports.markdown(report))
         if len(holdout):
-            reports.plot_confusion(y_holdout, ho_proba, classes, tmp.confusion_png, f"{run.run_id}: holdout")
-        os.rename(tmp.root, run.root)
+            title = f"{run.run_id}: holdout" + (" (RANDOM weights)" if fs.random_weights else "")
+            reports.plot_confusion(y_holdout, ho_proba, classes, tmp.confusion_png, title)
+        try:
+            os.rename(tmp.root, run.root)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            # Another stack.py run with the same --run-id finished first; its folder stays whole.
+            raise FeatstackError(f"run folder {run.root} was written meanwhile by another stack.py run with the same "
+                                 "run id; this run kept nothing: pass another --run-id") from None
+    except Exception as exc:  # a full disk may surface wrapped by joblib, pandas or matplotlib
+        if not is_disk_full(exc):
+            raise
+        raise FeatstackError(f"{run.root.parent}: no space left on device while writing run folder "
+                             f"{run.run_id}; nothing was kept: free space there (or pass another --models-dir) "
+                             "and rerun") from None
     finally:
         shutil.rmtree(tmp.root, ignore_errors=True)
 
 
+def read_run_json(path: Path) -> dict:
+    """A run folder's config.json or report.json, or one line naming it when it is damaged."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FeatstackError(f"{path}: damaged or unreadable ({str(exc).splitlines()[0][:80]}); remove the run folder "
+                             f"{path.parent} and rerun stack.py to rebuild it") from None
+
+
 def runs_table(models_dir: str | Path = MODELS_DIR, dataset: str | None = None) -> pd.DataFrame:
     rows = []
-    for rep in sorted(Path(models_dir).glob("*/report.json")):
-        r = json.loads(rep.read_text())
+    for rep in sorted(Path(models_dir).glob("[!.]*/report.json")):  # hidden folders are runs being written
+        r = read_run_json(rep)
         if dataset and r.get("dataset") != dataset:
             continue
         ho = r.get("holdout") or {}
@@ -148,7 +193,7 @@ def list_runs(models_dir: str | Path = MODELS_DIR, features: str | Path | None =
 
 
 def newest_run(models_dir: str | Path = MODELS_DIR) -> Path:
-    runs = [p.parent for p in Path(models_dir).glob("*/config.json")]
+    runs = [p.parent for p in Path(models_dir).glob("[!.]*/config.json")]
     if not runs:
         raise FeatstackError(f"no runs in {models_dir}; run stack.py first (or pass --run)")
-    return max(runs, key=lambda p: json.loads((p / "config.json").read_text())["created"] + p.name)
+    return max(runs, key=lambda p: str(read_run_json(p / "config.json").get("created", "")) + p.name)

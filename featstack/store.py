@@ -1,8 +1,12 @@
-"""HDF5 feature store: one file per backbone configuration, written as atomic shards and merged atomically."""
+"""HDF5 feature store: a checksummed file per backbone configuration, written as atomic shards, merged idempotently."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import os
+import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +19,24 @@ from .errors import FeatstackError
 from .paths import DatasetPaths
 
 COPY_ROWS = 8192  # rows copied per block when merging: bounded memory whatever the dataset size
+CHUNK_BYTES = 1 << 20  # feature chunks of whole rows, about 1 MiB: HDF5's default chunk cache holds one
 STR = h5py.string_dtype("utf-8")
+MERGED_SHARDS = "merged_shards"  # names of the shards the last merge absorbed: a rerun deletes them, never re-adds them
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether an error (or one it was raised from) is a full disk or an exhausted quota."""
+    while exc is not None:
+        if isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT)
+                                         or "No space left on device" in str(exc)):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def disk_full_error(folder: Path, name: str) -> FeatstackError:
+    return FeatstackError(f"{folder}: no space left on device while writing {name} (nothing half-written is kept); "
+                          "free space there and rerun: the work finished so far is kept")
 
 
 @dataclass
@@ -32,25 +53,103 @@ class Entry:
         return self.attrs["backbone"]
 
 
-def _write_h5(path: Path, ids: list[str], blocks, width: int, attrs: dict) -> None:
-    """Write a feature file through a temporary name, then rename: a reader sees all of it or none."""
+class _DiskWriter:
+    """The file object HDF5 writes through: the first failed write (a full disk) is kept and the rest discarded.
+
+    HDF5's own driver, after ENOSPC, leaves the file open with unwritable metadata, and the interpreter crashes when
+    it exits; through this object HDF5 always closes cleanly and the caller raises the kept error instead.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.failure: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.failure is None:
+            try:
+                done = 0
+                while done < len(view):
+                    done += os.write(self.fd, view[done:])
+            except OSError as exc:
+                self.failure = exc
+        return len(view)
+
+    def readinto(self, buffer) -> int:
+        return os.readv(self.fd, [buffer])
+
+    def read(self, size: int = -1) -> bytes:
+        return os.read(self.fd, size if size >= 0 else os.fstat(self.fd).st_size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return os.lseek(self.fd, offset, whence)
+
+    def tell(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_CUR)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self.tell() if size is None else size
+        if self.failure is None:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as exc:
+                self.failure = exc
+        return size
+
+    def flush(self) -> None:
+        pass
+
+    def sync(self) -> None:
+        if self.failure is None:
+            try:
+                os.fsync(self.fd)
+            except OSError as exc:
+                self.failure = exc
+
+
+def _strings(values: list[str]) -> np.ndarray:
+    """Fixed-length UTF-8 strings: they live inside the dataset's chunks, so the chunk checksum covers them."""
+    encoded = [str(v).encode("utf-8") for v in values]
+    return np.array(encoded, dtype=h5py.string_dtype("utf-8", max(1, max(map(len, encoded), default=1))))
+
+
+def _write_h5(path: Path, ids: list[str], blocks, width: int, attrs: dict, merged_shards: list[str] = ()) -> None:
+    """Write a feature file through a temporary name, then rename: a reader sees all of it or none.
+
+    ``ids`` and ``features`` are chunked with HDF5's fletcher32 checksum, so a damaged chunk fails on read.
+    """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("ids", data=np.asarray(ids, dtype=object), dtype=STR)
-            ds = f.create_dataset("features", shape=(len(ids), width), dtype="float32")
-            row = 0
-            for block in blocks:
-                ds[row:row + len(block)] = block
-                row += len(block)
-            if row != len(ids):
-                raise RuntimeError(f"wrote {row} feature rows for {len(ids)} ids")
-            f.attrs.update({k: v for k, v in attrs.items() if v is not None})
-            f.attrs["rows"] = len(ids)
-            f.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-            f.flush()
-            os.fsync(f.id.get_vfd_handle())
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            sink = _DiskWriter(fd)
+            with h5py.File(sink, "w") as f:
+                f.create_dataset("ids", data=_strings(ids), chunks=True, fletcher32=True)
+                rows = max(1, min(len(ids), CHUNK_BYTES // (4 * max(1, width))))
+                ds = f.create_dataset("features", shape=(len(ids), width), dtype="float32",
+                                      chunks=(rows, width) if len(ids) else True, fletcher32=True)
+                row = 0
+                for block in blocks:
+                    ds[row:row + len(block)] = block
+                    row += len(block)
+                    if sink.failure is not None:
+                        break
+                if sink.failure is None and row != len(ids):
+                    raise RuntimeError(f"wrote {row} feature rows for {len(ids)} ids")
+                f.create_dataset(MERGED_SHARDS, data=_strings(list(merged_shards)))
+                f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+                f.attrs["rows"] = len(ids)
+                f.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            sink.sync()
+        finally:
+            os.close(fd)
+        if sink.failure is not None:
+            raise sink.failure
         os.replace(tmp, path)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(path.parent, path.name) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -60,30 +159,106 @@ def read_ids(path: Path) -> list[str]:
         return list(f["ids"].asstr()[:])
 
 
+def _attrs_of(f: h5py.File) -> dict:
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+
+
+def rebuild_command(path: Path) -> str:
+    """The extract_features.py command line that rebuilds a feature file, as exactly as the store records it."""
+    root = path.parent
+    args = ["python", "extract_features.py"]
+    try:
+        meta = json.loads((root / "dataset.json").read_text())
+    except (OSError, ValueError):
+        meta = {}
+    args += ["--data", meta.get("data") or "DATA", "--features-dir", str(root.parent), "--name", root.name]
+    if meta.get("holdout", 0.1) != 0.1:
+        args += ["--holdout", str(meta["holdout"])]
+    if meta.get("seed", 0) != 0:
+        args += ["--seed", str(meta["seed"])]
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = _attrs_of(f)
+    except Exception:
+        attrs = {}
+    if not attrs.get("backbone"):
+        return shlex.join(args) + " with the --backbones, --weights and --image-size that made it"
+    weights = attrs.get("weights")
+    model = attrs.get("model_path")
+    layer = f":{attrs['layer']}" if attrs.get("layer") else ""
+    args += ["--backbones", model + layer if model else attrs["backbone"]]
+    if weights == "random":
+        args += ["--weights", "random"]
+    elif weights == "dir" and attrs.get("weights_file"):
+        args += ["--weights", str(Path(attrs["weights_file"]).parent)]
+    if model:
+        args += ["--preprocess", str(attrs.get("preprocess"))]
+    if attrs.get("input_size"):
+        args += ["--image-size", str(attrs["input_size"])]
+    for option, key, default in (("--pooling", "pooling", "avg"), ("--tta", "tta", "none"),
+                                 ("--precision", "precision", "float32")):
+        if attrs.get(key, default) != default:
+            args += [option, str(attrs[key])]
+    return shlex.join(args)
+
+
+def _damaged(path: Path, exc: Exception) -> FeatstackError:
+    cause = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+    return FeatstackError(f"{path}: damaged or unreadable feature file ({cause}); rebuild it with: "
+                          f"{rebuild_command(path)} (the run moves the damaged file aside)")
+
+
 def read_entry(path: str | Path) -> Entry:
-    """A whole feature file, or a one-line error naming it when it is corrupt or half written."""
+    """A whole feature file, or a one-line error naming it and the command that rebuilds it (checksums are verified)."""
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
             ids = np.asarray(f["ids"].asstr()[:], dtype=object)
             features = f["features"][:]
-            attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            attrs = _attrs_of(f)
     except Exception as exc:
-        raise FeatstackError(f"{path}: corrupt or unreadable feature file ({str(exc).splitlines()[0][:120]}); delete it "
-                             "and rerun extract_features.py to rebuild it") from None
+        raise _damaged(path, exc) from None
     if features.ndim != 2 or len(ids) != len(features) or attrs.get("rows") != len(ids):
-        raise FeatstackError(f"{path}: ids and features disagree ({len(ids)} ids, shape {features.shape}); delete it "
-                             "and rerun extract_features.py")
+        raise _damaged(path, ValueError(f"{len(ids)} ids, features {features.shape}, rows={attrs.get('rows')}"))
     return Entry(path, ids, features, attrs)
 
 
 def read_attrs(path: Path) -> dict:
     try:
         with h5py.File(path, "r") as f:
-            return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+            return _attrs_of(f)
     except Exception as exc:
-        raise FeatstackError(f"{path}: corrupt or unreadable feature file ({str(exc).splitlines()[0][:120]}); delete it "
-                             "and rerun extract_features.py to rebuild it") from None
+        raise _damaged(path, exc) from None
+
+
+def verify(path: Path) -> None:
+    """Read every chunk of a feature file (bounded memory), so HDF5 checks each checksum; raise when any fails."""
+    with h5py.File(path, "r") as f:
+        ids = f["ids"]
+        ids[:]
+        ds = f["features"]
+        if ds.ndim != 2 or len(ds) != len(ids) or f.attrs.get("rows", len(ids)) != len(ids):
+            raise ValueError(f"{len(ids)} ids, features of shape {ds.shape}")
+        for start in range(0, len(ds), COPY_ROWS):
+            ds[start:start + COPY_ROWS]
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a damaged file to ``<name>.corrupt`` (numbered when one exists), out of every reader's way."""
+    target = path.with_name(path.name + ".corrupt")
+    k = 1
+    while target.exists():
+        target, k = path.with_name(f"{path.name}.corrupt{k}"), k + 1
+    os.replace(path, target)
+    return target
+
+
+def remove_stray_tmp(paths: DatasetPaths) -> int:
+    """Delete the temporary files of writes a killed run left behind (call it holding the writer lock)."""
+    strays = list(paths.root.glob(".*.tmp*")) + list(paths.root.glob(".shards/*/.*.tmp*"))
+    for stray in strays:
+        stray.unlink(missing_ok=True)
+    return len(strays)
 
 
 class EntryWriter:
@@ -101,12 +276,75 @@ class EntryWriter:
     def _shard_files(self) -> list[Path]:
         return sorted(self.shards.glob("*.h5")) if self.shards.is_dir() else []
 
+    def _merged_shards(self) -> set[str]:
+        if not self.final.exists():
+            return set()
+        with h5py.File(self.final, "r") as f:
+            return set(f[MERGED_SHARDS].asstr()[:]) if MERGED_SHARDS in f else set()
+
     def done_ids(self) -> set[str]:
         """Ids already stored, in the merged file or in shards a killed run left behind."""
-        done = set(read_ids(self.final)) if self.final.exists() else set()
-        for shard in self._shard_files():
-            done.update(read_ids(shard))
-        return done
+        return set().union(*self._ids_by_source().values())
+
+    def recover(self) -> set[str]:
+        """Make the store this entry left trustworthy, then return the ids it holds.
+
+        A damaged file (a checksum or structure that fails) is moved aside to ``*.corrupt`` and its ids are
+        extracted again; shards the merged file already absorbed (a merge killed before it deleted them) are
+        deleted; ids stored twice with different features are refused (identical copies are dropped by merge).
+        """
+        for path in ([self.final] if self.final.exists() else []) + self._shard_files():
+            try:
+                verify(path)
+            except Exception as exc:
+                cause = (str(exc).splitlines() or [type(exc).__name__])[0][:100]
+                moved = move_aside(path)
+                print(f"{path}: damaged feature file ({cause}); moved aside to {moved.name}, its features are "
+                      "extracted again", file=sys.stderr)
+        self._drop_shards([s for s in self._shard_files() if s.name in self._merged_shards()])
+        by_source = self._ids_by_source()
+        self._keep_masks(by_source)  # refuses differing duplicates before any work is done
+        return set().union(*by_source.values())
+
+    def _ids_by_source(self) -> dict[Path, list[str]]:
+        sources = ([self.final] if self.final.exists() else []) + self._shard_files()
+        return {src: read_ids(src) for src in sources}
+
+    def _keep_masks(self, by_source: dict[Path, list[str]]) -> tuple[dict[Path, np.ndarray], int]:
+        """Which rows of each source a merge keeps: the first copy of each id. Later copies must be identical."""
+        first: dict[str, tuple[Path, int]] = {}
+        dups: list[tuple[str, Path, int]] = []
+        masks = {}
+        for src, ids in by_source.items():
+            mask = np.ones(len(ids), dtype=bool)
+            for row, i in enumerate(ids):
+                if i in first:
+                    mask[row] = False
+                    dups.append((i, src, row))
+                else:
+                    first[i] = (src, row)
+            masks[src] = mask
+        for start in range(0, len(dups), COPY_ROWS):  # compared in blocks: bounded memory
+            block = dups[start:start + COPY_ROWS]
+            rows = self._rows({(src, row) for _, src, row in block} | {first[i] for i, _, _ in block})
+            for i, src, row in block:
+                keep_src, keep_row = first[i]
+                if not np.array_equal(rows[keep_src, keep_row], rows[src, row], equal_nan=True):
+                    raise FeatstackError(
+                        f"{self.final}: id {i!r} is stored twice with different features ({keep_src.name}, "
+                        f"{src.name}); delete {self.final} and {self.shards}, then rebuild with: "
+                        f"{rebuild_command(self.final)}")
+        return masks, len(dups)
+
+    @staticmethod
+    def _rows(wanted: set[tuple[Path, int]]) -> dict[tuple[Path, int], np.ndarray]:
+        """Feature rows by (file, row), each file opened once."""
+        out = {}
+        for src in {src for src, _ in wanted}:
+            rows = sorted(row for s, row in wanted if s == src)
+            with h5py.File(src, "r") as f:
+                out.update({(src, row): vec for row, vec in zip(rows, f["features"][rows])})
+        return out
 
     def add(self, ids: list[str], features: np.ndarray) -> None:
         self._ids.extend(ids)
@@ -117,7 +355,12 @@ class EntryWriter:
     def flush(self) -> None:
         if not self._ids:
             return
-        self.shards.mkdir(parents=True, exist_ok=True)
+        try:
+            self.shards.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise disk_full_error(self.shards.parent, self.shards.name) from None
+            raise
         width = self._blocks[0].shape[1]
         # The rename is the shard's completion marker: a run killed mid-write leaves only a stray .tmp.
         _write_h5(self.shards / f"{time.time_ns():020d}.h5", self._ids, self._blocks, width, {})
@@ -125,41 +368,58 @@ class EntryWriter:
         self._ids, self._blocks = [], []
 
     def merge(self) -> int:
-        """Fold the merged file and every shard into a new merged file; returns its row count."""
+        """Fold the merged file and every shard into a new merged file; returns its row count.
+
+        Idempotent whatever instant it is killed at: the new file names the shards it absorbed, so a rerun
+        deletes them instead of adding them again, and an id is kept once (identical copies are dropped).
+        """
         self.flush()
         shards = self._shard_files()
-        if not shards:
-            return len(read_ids(self.final)) if self.final.exists() else 0
-        sources = ([self.final] if self.final.exists() else []) + shards
-        ids: list[str] = []
-        width = None
-        for src in sources:
-            with h5py.File(src, "r") as f:
-                ids.extend(f["ids"].asstr()[:])
-                width = f["features"].shape[1]
+        by_source = self._ids_by_source()
+        masks, dropped = self._keep_masks(by_source)
+        if not shards and not dropped:
+            return sum(len(ids) for ids in by_source.values())
+        if dropped:
+            print(f"warning: {self.final}: dropped {dropped} duplicate rows (identical copies of stored ids, left by "
+                  "an interrupted merge)", file=sys.stderr)
+        ids = [i for src, src_ids in by_source.items() for i, keep in zip(src_ids, masks[src]) if keep]
+        with h5py.File(next(iter(by_source)), "r") as f:
+            width = f["features"].shape[1]
 
         def blocks():
-            for src in sources:
+            for src in by_source:
                 with h5py.File(src, "r") as f:
                     ds = f["features"]
                     for start in range(0, len(ds), COPY_ROWS):
-                        yield ds[start:start + COPY_ROWS]
+                        block = ds[start:start + COPY_ROWS]
+                        yield block[masks[src][start:start + COPY_ROWS]]
 
-        attrs = dict(self.attrs)
+        attrs = dict(self.attrs) or (read_attrs(self.final) if self.final.exists() else {})
         if self.final.exists():
             attrs["created"] = read_attrs(self.final).get("created", attrs.get("created"))
-        _write_h5(self.final, ids, blocks(), width, attrs)
+        _write_h5(self.final, ids, blocks(), width, attrs, merged_shards=[s.name for s in shards])
+        self._drop_shards(shards)
+        return len(ids)
+
+    def _drop_shards(self, shards: list[Path]) -> None:
+        """Delete shards the merged file holds (a kill here is safe: the file names them)."""
         for shard in shards:
-            shard.unlink()
+            shard.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.shards.rmdir()
-        return len(ids)
+        with contextlib.suppress(OSError):
+            self.shards.parent.rmdir()
 
 
 @contextlib.contextmanager
 def writer_lock(paths: DatasetPaths):
     """One writer per dataset store: a second run fails at once instead of interleaving shards."""
-    paths.root.mkdir(parents=True, exist_ok=True)
+    try:
+        paths.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(paths.root.parent, paths.root.name) from None
+        raise
     lock = FileLock(str(paths.lock_file), timeout=0)
     try:
         lock.acquire()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import time
 from pathlib import Path
 
@@ -10,14 +9,15 @@ import numpy as np
 import pandas as pd
 
 from .errors import FeatstackError
-from .paths import SUBMISSIONS_DIR
-from .split import write_atomic
-from .stack import newest_run
+from .paths import SUBMISSIONS_DIR, DatasetPaths
+from .split import is_disk_full, read_split, write_atomic
+from .stack import newest_run, read_run_json
 
 FORMATS = ("auto", "dog-breed", "cats-dogs", "generic")
 LAYOUT_FORMATS = {"dog-breed": "dog-breed", "cats-dogs": "cats-dogs"}
 SUM_TOLERANCE = 1e-6
-LOG_COLUMNS = ["time", "run_id", "file", "competition", "message", "status", "cv_log_loss", "holdout_log_loss"]
+LOG_COLUMNS = ["time", "run_id", "file", "competition", "message", "status", "cv_log_loss", "holdout_log_loss",
+               "weights", "class_frequency_rows"]
 
 
 def _first(items, n=5) -> str:
@@ -27,6 +27,18 @@ def _first(items, n=5) -> str:
 
 def _numeric_order(ids) -> list[str]:
     return sorted(ids, key=lambda i: (0, int(i)) if str(i).isdigit() else (1, str(i)))
+
+
+def _check_values(ids: pd.Series, values: np.ndarray, columns, multiclass: bool, where: str) -> None:
+    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        raise FeatstackError(f"{where} values must be finite and within [0, 1]: id {ids.iloc[rows[0]]!r} column "
+                             f"{columns[cols[0]]!r} is {values[rows[0], cols[0]]} ({len(rows)} bad values)")
+    if multiclass:
+        off = np.abs(values.sum(axis=1) - 1) > SUM_TOLERANCE
+        if off.any():
+            raise FeatstackError(f"{where} rows must sum to 1 ± {SUM_TOLERANCE}: ids {_first(ids[off])}")
 
 
 def validate(frame: pd.DataFrame, expected_ids: list[str], expected_columns: list[str], kind: str) -> None:
@@ -50,64 +62,109 @@ def validate(frame: pd.DataFrame, expected_ids: list[str], expected_columns: lis
         raise FeatstackError(f"submission has {len(extra)} ids the competition does not expect: {_first(extra)}")
     if kind == "labels":
         return
-    values = frame.iloc[:, 1:].to_numpy(dtype=float)
-    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
-    if bad.any():
-        rows, cols = np.nonzero(bad)
-        raise FeatstackError(f"submission values must be finite and within [0, 1]: id {ids.iloc[rows[0]]!r} column "
-                             f"{frame.columns[1 + cols[0]]!r} is {values[rows[0], cols[0]]} ({len(rows)} bad values)")
-    if kind == "multiclass":
-        off = np.abs(values.sum(axis=1) - 1) > SUM_TOLERANCE
-        if off.any():
-            raise FeatstackError(f"submission rows must sum to 1 ± {SUM_TOLERANCE}: ids {_first(ids[off])}")
+    _check_values(ids, frame.iloc[:, 1:].to_numpy(dtype=float), list(frame.columns[1:]), kind == "multiclass",
+                  "submission")
 
 
-def _clip(p: np.ndarray, clip: float | None, renormalise: bool) -> np.ndarray:
-    if clip is not None:
-        if not 0 <= clip < 0.5:
-            raise FeatstackError(f"--clip {clip}: must be at least 0 and below 0.5 (e.g. 0.005)")
-        p = np.clip(p, clip, 1 - clip)
-    return p / p.sum(axis=1, keepdims=True) if renormalise else p
+def read_predictions(run: Path) -> pd.DataFrame:
+    """A run's test_predictions.csv as written, checked as read: unique ids, probabilities in [0, 1] summing to 1."""
+    path = run / "test_predictions.csv"
+    try:
+        pred = pd.read_csv(path, dtype={"id": str})
+        values = pred.iloc[:, 1:].to_numpy(dtype=float)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise FeatstackError(f"{path}: damaged or unreadable ({str(exc).splitlines()[0][:80]}); remove the run folder "
+                             "and rerun stack.py to rebuild it") from None
+    if pred.empty:
+        raise FeatstackError(f"{path}: the dataset has no test images to submit")
+    if list(pred.columns[:1]) != ["id"] or pred.shape[1] < 3:
+        raise FeatstackError(f"{path}: expected an id column and one probability column per class; rerun stack.py")
+    dup = pred["id"][pred["id"].duplicated()]
+    if len(dup):
+        raise FeatstackError(f"{path}: duplicate ids {_first(dup.unique())}; each test id must appear once")
+    # As read: a row that does not sum to 1 is a broken predictions file, not something to renormalise away.
+    _check_values(pred["id"], values, list(pred.columns[1:]), True, str(path))
+    return pred
+
+
+def expected_test_ids(run: Path, config: dict, sample_frame: pd.DataFrame | None, sample_path) -> tuple[list[str], str]:
+    """The ids the competition expects, and where they come from: the sample file, else the dataset's split.csv."""
+    if sample_frame is not None:
+        return list(sample_frame["id"]), str(sample_path)
+    features_dir = config.get("features_dir")
+    paths = DatasetPaths(Path(features_dir)) if features_dir else None
+    if paths is None or not paths.split_csv.is_file():
+        raise FeatstackError(f"{run / 'config.json'}: the dataset's split.csv "
+                             f"({paths.split_csv if paths else 'no features_dir recorded'}) is not there, so the "
+                             "expected test ids are unknown; pass --sample with the competition's "
+                             "sample_submission.csv")
+    split = read_split(paths)
+    return list(split.loc[split["split"] == "test", "id"]), str(paths.split_csv)
+
+
+def _check_ids(pred: pd.DataFrame, expected: list[str], source: str, path: Path) -> None:
+    present, wanted = set(pred["id"]), set(expected)
+    missing = [i for i in expected if i not in present]
+    if missing:
+        raise FeatstackError(f"{path}: missing {len(missing)} test ids of {source}: {_first(missing)}; was the run "
+                             "made on this dataset with every test image extracted?")
+    extra = [i for i in pred["id"] if i not in wanted]
+    if extra:
+        raise FeatstackError(f"{path}: {len(extra)} ids are not test ids of {source}: {_first(extra)}")
+
+
+def _clip(p: np.ndarray, clip: float | None) -> np.ndarray:
+    if clip is None:
+        return p
+    if not 0 <= clip < 0.5:
+        raise FeatstackError(f"--clip {clip}: must be at least 0 and below 0.5 (e.g. 0.005)")
+    p = np.clip(p, clip, 1 - clip)
+    return p / p.sum(axis=1, keepdims=True)
 
 
 def build(run: Path, fmt: str = "auto", sample: str | Path | None = None, clip: float | None = None,
           labels: bool = False) -> tuple[pd.DataFrame, str]:
     """The validated submission table for a run, and the format it was built in."""
-    config = json.loads((run / "config.json").read_text())
+    config = read_run_json(run / "config.json")
     meta = config.get("dataset_meta") or {}
     if fmt not in FORMATS:
         raise FeatstackError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     if fmt == "auto":
         fmt = LAYOUT_FORMATS.get(meta.get("layout"), "generic")
-    pred = pd.read_csv(run / "test_predictions.csv", dtype={"id": str})
-    if pred.empty:
-        raise FeatstackError(f"{run / 'test_predictions.csv'}: the dataset has no test images to submit")
+    pred = read_predictions(run)
     classes = list(pred.columns[1:])
-    sample_path = Path(sample) if sample else (Path(meta["sample_submission"]) if meta.get("sample_submission") else None)
+    recorded = meta.get("sample_submission")
+    sample_path = Path(sample) if sample else (Path(recorded) if recorded else None)
     if sample and not sample_path.is_file():
         raise FeatstackError(f"--sample {sample}: no such file")
     sample_frame = pd.read_csv(sample_path, dtype={"id": str}) if sample_path and sample_path.is_file() else None
+    if sample_frame is not None and "id" not in sample_frame.columns:
+        raise FeatstackError(f"{sample_path}: no id column; is it the competition's sample_submission.csv?")
+    expected, source = expected_test_ids(run, config, sample_frame, sample_path)
+    _check_ids(pred, expected, source, run / "test_predictions.csv")
     proba = pred[classes].to_numpy(dtype=float)
     if fmt == "cats-dogs":
         if "dog" not in classes or len(classes) != 2:
             raise FeatstackError(f"--format cats-dogs needs classes cat and dog; this run has {_first(classes)}")
-        ids = list(sample_frame["id"]) if sample_frame is not None else _numeric_order(pred["id"])
-        p_dog = _clip(proba, clip, renormalise=True)[:, classes.index("dog")]
+        ids = expected if sample_frame is not None else _numeric_order(expected)
+        p_dog = _clip(proba, clip)[:, classes.index("dog")]
         frame = pd.DataFrame({"id": pred["id"], "label": p_dog}).set_index("id").reindex(ids).reset_index()
         columns, kind = ["id", "label"], "binary"
     elif fmt == "generic" and labels:
         frame = pd.DataFrame({"id": pred["id"], "label": np.array(classes)[proba.argmax(axis=1)]})
-        ids, columns, kind = list(pred["id"]), ["id", "label"], "labels"
+        frame = frame.set_index("id").reindex(expected).reset_index()
+        ids, columns, kind = expected, ["id", "label"], "labels"
     else:
+        ids = expected
         if fmt == "dog-breed" and sample_frame is not None:
-            columns, ids = list(sample_frame.columns), list(sample_frame["id"])
+            columns = list(sample_frame.columns)
         else:
-            columns, ids = ["id"] + sorted(classes), list(pred["id"])
+            columns = ["id"] + sorted(classes)
         missing = [c for c in columns[1:] if c not in classes]
         if missing:
             raise FeatstackError(f"the run has no predictions for columns {_first(missing)} of "
                                  f"{sample_path or 'the class list'}; was it trained on this competition?")
-        frame = pd.DataFrame(_clip(proba, clip, renormalise=True), columns=classes)
+        frame = pd.DataFrame(_clip(proba, clip), columns=classes)
         frame.insert(0, "id", pred["id"])
         frame = frame.set_index("id").reindex(ids)[columns[1:]].reset_index()
         kind = "multiclass"
@@ -116,7 +173,14 @@ def build(run: Path, fmt: str = "auto", sample: str | Path | None = None, clip: 
 
 
 def append_log(log: Path, row: dict) -> None:
+    """Add a row to submissions/log.csv; a log from an older featstack gains the new columns first."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    if log.exists():
+        with open(log, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != LOG_COLUMNS:
+            old = pd.read_csv(log, dtype=str, keep_default_na=False)
+            write_atomic(log, lambda p: old.reindex(columns=LOG_COLUMNS, fill_value="").to_csv(p, index=False))
     new = not log.exists()
     with open(log, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
@@ -125,25 +189,52 @@ def append_log(log: Path, row: dict) -> None:
         w.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
 
 
+def _random_weights(config: dict) -> bool:
+    files = (config.get("feature_files") or {}).values()
+    return bool(config.get("random_weights")) or any(f.get("weights") == "random" for f in files)
+
+
 def submit(run: str | Path | None = None, *, fmt: str = "auto", sample: str | Path | None = None,
            out: str | Path | None = None, clip: float | None = None, labels: bool = False,
            competition: str | None = None, message: str | None = None, models_dir: str | Path = "models",
-           submissions_dir: str | Path = SUBMISSIONS_DIR) -> Path:
+           submissions_dir: str | Path = SUBMISSIONS_DIR, force: bool = False) -> Path:
     """Write (and optionally submit) a run's submission; the last line printed is the file written."""
     run = Path(run) if run else newest_run(models_dir)
     if not (run / "config.json").is_file():
         raise FeatstackError(f"--run {run}: not a stack.py run folder (no config.json)")
+    config = read_run_json(run / "config.json")
+    random_weights = _random_weights(config)
+    if competition and random_weights and not force:
+        raise FeatstackError(f"run {run.name} was trained on features of RANDOM weights (weights=random): sending it "
+                             "to Kaggle is almost certainly a mistake; extract with ImageNet weights, or pass --force "
+                             "to submit anyway")
     frame, fmt = build(run, fmt, sample, clip, labels)
     out = Path(out) if out else Path(submissions_dir) / f"{run.name}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
     compression = "gzip" if out.name.endswith(".gz") else None
-    write_atomic(out, lambda p: frame.to_csv(p, index=False, compression=compression))
-    report = json.loads((run / "report.json").read_text()) if (run / "report.json").exists() else {}
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, lambda p: frame.to_csv(p, index=False, compression=compression))
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        raise FeatstackError(f"{out.parent}: no space left on device while writing {out.name}; nothing was "
+                             "written: free space there (or pass another --out) and rerun") from None
+    report_path = run / "report.json"
+    report = read_run_json(report_path) if report_path.exists() else {}
+    written_ids = set(frame["id"])
+    filled = [i for i in config.get("test_ids_class_frequencies") or [] if i in written_ids]
     row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "run_id": run.name, "file": str(out),
            "competition": competition or "", "message": message or "", "status": "written",
            "cv_log_loss": (report.get("cv") or {}).get("log_loss", ""),
-           "holdout_log_loss": (report.get("holdout") or {}).get("log_loss", "")}
+           "holdout_log_loss": (report.get("holdout") or {}).get("log_loss", ""),
+           "weights": "random" if random_weights else "trained", "class_frequency_rows": len(filled)}
     print(f"{fmt} submission: {len(frame)} rows x {frame.shape[1]} columns, validated")
+    if random_weights:
+        print(f"note: run {run.name} was trained on features of RANDOM weights (weights=random: a smoke test or the "
+              "offline demo); its predictions mean nothing for a leaderboard")
+    if filled:
+        print(f"note: {len(filled)} test ids could not be decoded (bad_images.csv) and carry the training class "
+              f"frequencies: {_first(filled, 20)}")
     try:
         if competition:
             from .kaggle import submit_file
@@ -151,6 +242,8 @@ def submit(run: str | Path | None = None, *, fmt: str = "auto", sample: str | Pa
             submit_file(competition, out, message or f"featstack {run.name}")
             row["status"] = "submitted"
     finally:
-        append_log(Path(submissions_dir) / "log.csv", row)
+        from .kaggle import redact
+        # The file path stays as is: a Kaggle username is often also the home folder's name.
+        append_log(Path(submissions_dir) / "log.csv", {k: v if k == "file" else redact(str(v)) for k, v in row.items()})
     print(out)
     return out

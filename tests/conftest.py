@@ -118,3 +118,31 @@ def demo(tmp_path_factory):
     run = run_stack(summary.paths.root, model="stack", models_dir=base / "models")
     return {"base": base, "data": base / "data", "features": summary.paths.root, "run": run,
             "models": base / "models", "summary": summary}
+
+
+STANFORD_BREEDS = ["n02085620-Chihuahua", "n02085782-Japanese_spaniel", "n02088364-beagle"]
+
+
+@pytest.fixture
+def stanford_dogs(tmp_path) -> Path:
+    """Stanford Dogs' official shape: Images/<wnid>-<breed>/<wnid>_<n>.jpg and lists/*.mat as scipy.io writes them
+    (file_list and annotation_list: N x 1 cell arrays of strings; labels: N x 1 doubles, 1-based).
+    Per breed, images 0-2 are in train_list.mat, 3-4 in test_list.mat, and 5 in neither."""
+    from scipy.io import savemat
+
+    data = tmp_path / "data" / "stanford"
+    lists = {"train": [], "test": []}
+    for k, folder in enumerate(STANFORD_BREEDS):
+        wnid = folder.split("-")[0]
+        names = [f"{wnid}_{n}.jpg" for n in range(6)]
+        write_images(data / "Images" / folder, names, start_seed=20 * k, size=(60, 45))
+        for n, name in enumerate(names[:5]):
+            lists["train" if n < 3 else "test"].append((f"{folder}/{name}", k + 1))
+    (data / "lists").mkdir()
+    for split, entries in lists.items():
+        files = [f for f, _ in entries]
+        savemat(data / "lists" / f"{split}_list.mat", {
+            "file_list": np.array([[f] for f in files], dtype=object),
+            "annotation_list": np.array([[f[:-4]] for f in files], dtype=object),
+            "labels": np.array([[float(label)] for _, label in entries])})
+    return data

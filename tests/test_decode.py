@@ -1,11 +1,13 @@
 """One decoder for every image kind: correct RGB out, or a recorded reason why not."""
 import io
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from featstack.decode import BadImage, decode_batch, decode_rgb, resize
+
 from conftest import photo
 
 
@@ -54,23 +56,53 @@ def test_exif_orientation_is_applied(tmp_path):
     assert decode_rgb(path).size == (20, 40)
 
 
-@pytest.mark.parametrize("content, match", [
-    (b"", "empty file"),
-    (b"this is not an image", "UnidentifiedImageError"),
+def _half(fmt: str) -> bytes:
+    buf = io.BytesIO()
+    photo(4, (300, 200)).save(buf, format=fmt)
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"", r"^empty file \(0 bytes\)$"),
+    (b"this is not an image", r"^not an image \(unrecognised format\)$"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 30, r"^not an image \(unrecognised format\)$"),
+    (_half("JPEG"), r"^truncated JPEG image \(the file ends before the image data does\)$"),
+    (_half("PNG"), r"^truncated PNG image \(the file ends before the image data does\)$"),
+    (_half("WEBP"), r"^damaged image data \(could not create decoder object\)$"),
 ])
-def test_bad_bytes(tmp_path, content, match):
+def test_bad_bytes_have_reasons_for_people(tmp_path, content, reason):
     path = tmp_path / "bad.jpg"
     path.write_bytes(content)
-    with pytest.raises(BadImage, match=match):
+    with pytest.raises(BadImage, match=reason) as err:
         decode_rgb(path)
+    assert "0x" not in str(err.value) and "object at" not in str(err.value)  # no Python object addresses
 
 
-def test_truncated_jpeg_is_bad(tmp_path):
-    buf = io.BytesIO()
-    photo(4, (300, 200)).save(buf, format="JPEG")
-    path = tmp_path / "trunc.jpg"
-    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    with pytest.raises(BadImage):
+def _dangling_link(path):
+    path.symlink_to(path.parent / "moved_away.jpg")
+
+
+def _named_pipe(path):
+    os.mkfifo(path)  # opening it for reading would block forever: the decoder must not
+
+
+def _unreadable(path):
+    _save(photo(6), path)
+    path.chmod(0)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: None, r"^file not found$"),
+    (_dangling_link, r"^file not found \(dangling link to .*moved_away\.jpg\)$"),
+    (_named_pipe, r"^not a regular file \(a named pipe\)$"),
+    (lambda p: p.mkdir(), r"^a folder, not a file$"),
+    pytest.param(_unreadable, r"^permission denied$", marks=pytest.mark.skipif(
+        os.geteuid() == 0, reason="root reads mode-000 files; the pipe and the dangling link cover unreadable files")),
+])
+def test_unreadable_files_have_reasons(tmp_path, make, reason):
+    path = tmp_path / "x.jpg"
+    make(path)
+    with pytest.raises(BadImage, match=reason):
         decode_rgb(path)
 
 

@@ -102,7 +102,7 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, cats_dogs, args, ma
     assert proc.returncode == 2
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith("error: ") and __import__("re").search(match, err), err
-    assert not list((tmp_path / "f").rglob("*.h5"))
+    assert not list((tmp_path / "f").rglob("*.h5")) and not list((tmp_path / "f").rglob("split.csv"))
 
 
 def test_second_writer_fails_at_once(tmp_path, cats_dogs):

@@ -25,7 +25,9 @@ def test_folders_ids_are_relative_paths(folders):
     table, layout = read_layout(folders)
     assert layout == "folders"
     assert "Images/n02085620-Chihuahua/img0.jpg" in set(table.id)
-    assert set(table.label) == {"n02085620-Chihuahua", "n02085782-Japanese_spaniel"}
+    assert set(table.label) == {"Chihuahua", "Japanese_spaniel"}  # every folder has the WordNet form: ids dropped
+    assert table.attrs["class_folders"] == {"Chihuahua": "n02085620-Chihuahua",
+                                            "Japanese_spaniel": "n02085782-Japanese_spaniel"}
 
 
 def test_manifest(manifest):

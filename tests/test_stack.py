@@ -13,6 +13,7 @@ from featstack.errors import FeatstackError
 from featstack.paths import RunPaths
 from featstack.stack import list_runs, run_stack
 from featstack.synthetic import write_synthetic_store
+
 from conftest import ROOT
 
 FILES = ["model.joblib", "config.json", "oof_predictions.csv", "holdout_predictions.csv", "test_predictions.csv",
@@ -67,6 +68,7 @@ def test_out_of_fold_predictions_do_not_leak(tmp_path):
     cv = json.loads(run.report_json.read_text())["cv"]
     assert cv["accuracy"] < 0.40, cv  # chance is 0.25
     import joblib
+
     from featstack.features import load_features
     fs = load_features(store.root)
     train = fs.rows("train")
@@ -105,7 +107,7 @@ def _no_labels(store):
 
 @pytest.mark.parametrize("mutate, kwargs, match", [
     (_drop_ids, {}, r"vgg16_synthetic\.h5: 3 of 195 ids of split\.csv have no vgg16 features; .*--allow-missing"),
-    (_truncate, {}, r"resnet50_synthetic\.h5: corrupt or unreadable feature file"),
+    (_truncate, {}, r"resnet50_synthetic\.h5: damaged or unreadable feature file .*extract_features\.py"),
     (_few_in_class, {}, r"class 'class_000' has 3 training rows, fewer than --folds 5"),
     (_no_labels, {}, r"no labelled training rows"),
     (None, {"backbones": ["xception"]}, r"'xception' is not cached in .*; cached: resnet50 \(resnet50_synthetic\), vgg16"),

@@ -12,18 +12,25 @@ import pytest
 
 from featstack.errors import FeatstackError
 from featstack.submission import build, submit, validate
+
 from conftest import ROOT
 
 
-def make_run(folder, ids, classes, layout, sample=None, seed=0):
-    """A run folder as stack.py leaves it, with Dirichlet test probabilities."""
+def make_run(folder, ids, classes, layout, sample=None, seed=0, weights="imagenet"):
+    """A run folder as stack.py leaves it, with Dirichlet test probabilities, and its dataset's split.csv."""
     folder.mkdir(parents=True)
     proba = np.random.default_rng(seed).dirichlet(np.ones(len(classes)), len(ids))
     frame = pd.DataFrame(proba, columns=classes)
     frame.insert(0, "id", ids)
     frame.sample(frac=1, random_state=seed).to_csv(folder / "test_predictions.csv", index=False)  # any row order
+    features = folder.parent / "features" / folder.name
+    features.mkdir(parents=True)
+    pd.DataFrame({"id": ["trainimg"] + list(ids), "split": ["train"] + ["test"] * len(ids),
+                  "label": [classes[0]] + [""] * len(ids)}).to_csv(features / "split.csv", index=False)
     meta = {"layout": layout, "sample_submission": str(sample) if sample else None}
-    (folder / "config.json").write_text(json.dumps({"dataset_meta": meta, "classes": classes, "created": "2026"}))
+    (folder / "config.json").write_text(json.dumps({
+        "dataset_meta": meta, "classes": classes, "created": "2026", "features_dir": str(features),
+        "feature_files": {"resnet50": {"weights": weights}}}))
     (folder / "report.json").write_text(json.dumps({"cv": {"log_loss": 0.5}, "holdout": {"log_loss": 0.4}}))
     return folder
 
@@ -202,3 +209,131 @@ def test_demo_submission_matches_its_sample(demo, tmp_path):
     sample = pd.read_csv(demo["data"] / "sample_submission.csv", dtype={"id": str})
     assert list(written.columns) == list(sample.columns) and list(written.id) == list(sample.id)
     validate(written, list(sample.id), list(sample.columns), "multiclass")
+
+
+def _predictions(run, rows):
+    pd.DataFrame(rows, columns=["id", "x", "y"]).to_csv(run / "test_predictions.csv", index=False)
+
+
+@pytest.mark.parametrize("rows, kwargs, match", [
+    ([("a", 1.0, 1.0), ("b", 0.5, 0.5)], {}, r"rows must sum to 1 ± 1e-06: ids a"),
+    ([("a", 1.0, 1.0), ("b", 0.5, 0.5)], {"clip": 0.01}, r"rows must sum to 1 ± 1e-06: ids a"),
+    ([("a", 0.2, 1.8), ("b", 0.5, 0.5)], {}, r"within \[0, 1\]: id 'a' column 'y' is 1.8"),
+    ([("a", 0.2, 1.8), ("b", 0.5, 0.5)], {"clip": 0.01}, r"within \[0, 1\]: id 'a' column 'y' is 1.8"),
+    ([("a", 0.5, 0.5), ("b", 0.5, 0.5), ("a", 0.5, 0.5)], {}, r"test_predictions\.csv: duplicate ids a"),
+    ([("a", 0.5, 0.5)], {}, r"test_predictions\.csv: missing 1 test ids of .*split\.csv: b"),
+    ([("a", 0.5, 0.5), ("b", 0.5, 0.5), ("c", 0.5, 0.5)], {}, r"1 ids are not test ids of .*split\.csv: c"),
+])
+def test_predictions_are_validated_as_read(tmp_path, rows, kwargs, match):
+    run = make_run(tmp_path / "run", ["a", "b"], ["x", "y"], "folders")
+    _predictions(run, rows)
+    with pytest.raises(FeatstackError, match=match):
+        submit(run, submissions_dir=tmp_path / "subs", **kwargs)
+    assert not (tmp_path / "subs").exists()
+
+
+def test_missing_id_is_reported_as_missing_against_the_sample(tmp_path):
+    sample = tmp_path / "sample_submission.csv"
+    pd.DataFrame({"id": ["a", "b", "c"], "x": 0.5, "y": 0.5}).to_csv(sample, index=False)
+    run = make_run(tmp_path / "run", ["a", "b"], ["x", "y"], "dog-breed", sample=sample)
+    with pytest.raises(FeatstackError, match=r"missing 1 test ids of .*sample_submission\.csv: c"):
+        build(run)
+
+
+def test_validation_errors_are_one_line_from_the_command(tmp_path):
+    run = make_run(tmp_path / "run", ["a", "b"], ["x", "y"], "folders")
+    _predictions(run, [("a", 0.5, 0.5), ("b", 0.5, 0.5), ("a", 0.5, 0.5)])
+    proc = subprocess.run([sys.executable, str(ROOT / "submit.py"), "--run", str(run), "--submissions-dir",
+                           str(tmp_path / "subs")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: "), proc.stderr
+    assert len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "duplicate ids a" in proc.stderr
+
+
+def test_random_weight_run_says_so_and_is_not_submitted_without_force(tmp_path, fake_kaggle, monkeypatch, capsys):
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "tok-123456")
+    run = make_run(tmp_path / "run", ["1", "2"], ["cat", "dog"], "cats-dogs", weights="random")
+    submit(run, submissions_dir=tmp_path / "subs")
+    assert "RANDOM weights" in capsys.readouterr().out
+    with pytest.raises(FeatstackError, match=r"RANDOM weights.*pass --force"):
+        submit(run, competition="c", message="m", submissions_dir=tmp_path / "subs")
+    assert not _calls(fake_kaggle["record"])
+    submit(run, competition="c", message="m", submissions_dir=tmp_path / "subs", force=True)
+    assert len(_calls(fake_kaggle["record"])) == 1
+    capsys.readouterr()
+    log = pd.read_csv(tmp_path / "subs" / "log.csv")
+    assert list(log.weights) == ["random", "random"] and list(log.status) == ["written", "submitted"]
+    trained = make_run(tmp_path / "run2", ["1", "2"], ["cat", "dog"], "cats-dogs")
+    submit(trained, competition="c", message="m", submissions_dir=tmp_path / "subs")
+    assert "RANDOM" not in capsys.readouterr().out
+    assert pd.read_csv(tmp_path / "subs" / "log.csv").weights.iloc[-1] == "trained"
+
+
+def test_old_log_gains_the_new_columns(tmp_path):
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    (subs / "log.csv").write_text("time,run_id,file,competition,message,status,cv_log_loss,holdout_log_loss\n"
+                                  "2025-01-01T00:00:00,old,x.csv,,,written,0.5,0.4\n")
+    submit(make_run(tmp_path / "run", ["1"], ["cat", "dog"], "cats-dogs"), submissions_dir=subs)
+    log = pd.read_csv(subs / "log.csv", dtype=str, keep_default_na=False)
+    assert list(log.run_id) == ["old", "run"] and list(log.weights) == ["", "trained"]
+
+
+ECHO_AUTH = """
+import base64
+user, key = os.environ.get("KAGGLE_USERNAME", ""), os.environ.get("KAGGLE_KEY", "")
+token = os.environ.get("KAGGLE_API_TOKEN", "")
+cfg = os.path.join(os.environ["HOME"], ".kaggle", "kaggle.json")
+if os.path.exists(cfg):
+    creds = json.load(open(cfg)); user, key = creds["username"], creds["key"]
+basic = base64.b64encode(f"{user}:{key}".encode()).decode()
+print(f"send: Authorization: Basic {basic}", file=sys.stderr)
+print(f"send: Authorization: Bearer {token}\\nuser={user} key={key}", file=sys.stderr)
+print("401 - Unauthorized")
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("how", ["env", "token", "kaggle.json"])
+def test_credentials_echoed_by_the_tool_are_redacted(tmp_path, fake_kaggle, monkeypatch, capsys, how):
+    script = next(p for p in (tmp_path / "bin").iterdir())
+    script.write_text(script.read_text().replace('mode = os.environ.get("FAKE_KAGGLE_MODE", "ok")',
+                                                 ECHO_AUTH + '\nmode = "ok"'))
+    secrets = {"env": ["kaggle-user-x", "0123456789abcdef0123"], "token": ["KGAT_tok_9876543210"],
+               "kaggle.json": ["json-user-y", "fedcba9876543210fedc"]}[how]
+    if how == "env":
+        monkeypatch.setenv("KAGGLE_USERNAME", secrets[0])
+        monkeypatch.setenv("KAGGLE_KEY", secrets[1])
+    elif how == "token":
+        monkeypatch.setenv("KAGGLE_API_TOKEN", secrets[0])
+    else:
+        cfg = fake_kaggle["home"] / ".kaggle" / "kaggle.json"
+        cfg.write_text(json.dumps({"username": secrets[0], "key": secrets[1]}))
+        cfg.chmod(0o600)
+    if len(secrets) == 2:
+        import base64
+        secrets.append(base64.b64encode(f"{secrets[0]}:{secrets[1]}".encode()).decode())
+    run = make_run(tmp_path / "run", ["1"], ["cat", "dog"], "cats-dogs")
+    with pytest.raises(FeatstackError, match=r"submit failed: .* — your API key is wrong") as err:
+        submit(run, competition="c", message="m", submissions_dir=tmp_path / "subs")
+    printed = capsys.readouterr()
+    shown = printed.out + printed.err + str(err.value) + (tmp_path / "subs" / "log.csv").read_text()
+    assert "Authorization: Basic ***" in printed.err or how == "token"
+    assert not [s for s in secrets if s in shown], shown
+
+
+def test_kaggle_beside_the_interpreter_comes_before_path(tmp_path, fake_kaggle, monkeypatch):
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "tok-123456")
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    mine = venv_bin / "kaggle"
+    mine.write_text(next((tmp_path / "bin").iterdir()).read_text().replace('"argv": sys.argv[1:]',
+                                                                          '"venv": True, "argv": sys.argv[1:]'))
+    mine.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(venv_bin / "python"))  # a venv's python, not on PATH
+    run = make_run(tmp_path / "run", ["1"], ["cat", "dog"], "cats-dogs")
+    submit(run, competition="c", message="m", submissions_dir=tmp_path / "subs")
+    assert _calls(fake_kaggle["record"])[-1].get("venv") is True
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # PATH without any kaggle: the venv's is still found
+    submit(run, competition="c", message="m", submissions_dir=tmp_path / "subs")
+    assert len(_calls(fake_kaggle["record"])) == 2

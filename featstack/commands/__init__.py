@@ -5,4 +5,6 @@ COMMANDS = {
     "stack": "featstack.commands.stack",
     "submit": "featstack.commands.submit",
     "predict": "featstack.commands.predict",
+    "serve": "featstack.commands.serve",
+    "audit": "featstack.commands.audit",
 }

@@ -1,7 +1,7 @@
 """`featstack extract` (and extract_features.py): extract and cache pooled features of frozen ImageNet backbones for every image of a dataset."""
 import argparse
 
-from ..cli import batch_size_arg, comma_list, run_main
+from ..cli import batch_size_arg, comma_list, parse_command, run_main
 from ..paths import FEATURES_DIR
 
 DESCRIPTION = 'Extract and cache pooled features of frozen ImageNet backbones for every image of a dataset.'
@@ -35,7 +35,7 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--demo", action="store_true", help="write the embedded digits competition to data/demo and extract it")
     p.add_argument("--summary-json", default=None, help="also write the end-of-run summary to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    return parse_command(p, argv)
 
 
 def main(argv=None, prog=None):

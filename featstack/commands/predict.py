@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from ..cli import run_main
+from ..cli import batch_size_arg, parse_command, run_main
 from ..paths import MODELS_DIR
 
 DESCRIPTION = 'Which class (breed) is in this photo? Answers one or many photos through a trained stack.py run.'
@@ -14,9 +14,10 @@ def main(argv=None, prog=None):
     p.add_argument("--run", default=None, help="a stack.py run folder (default: the newest under --models-dir)")
     p.add_argument("--top", type=int, default=5, help="classes to print per photo (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON: every class with its probability, sorted")
-    p.add_argument("--batch-size", type=int, default=32, help="photos per forward pass (default 32)")
+    p.add_argument("--batch-size", type=batch_size_arg, default=32,
+                   help="photos per forward pass, or auto (32 on CPU, 128 on GPU; default 32)")
     p.add_argument("--models-dir", default=str(MODELS_DIR), help="where runs are (default models/)")
-    a = p.parse_args(argv)
+    a = parse_command(p, argv)
     from ..predict import predict
     failed = run_main(predict, a.photos, run=a.run, top=a.top, as_json=a.json, batch_size=a.batch_size,
                       models_dir=a.models_dir)

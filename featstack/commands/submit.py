@@ -1,7 +1,7 @@
 """`featstack submit` (and submit.py): write a run's Kaggle submission, validated, and optionally submit it with the official kaggle tool."""
 import argparse
 
-from ..cli import run_main
+from ..cli import parse_command, run_main
 from ..paths import MODELS_DIR, SUBMISSIONS_DIR
 
 DESCRIPTION = "Write a run's Kaggle submission, validated, and optionally submit it with the official kaggle tool."
@@ -19,10 +19,13 @@ def main(argv=None, prog=None):
     p.add_argument("--labels", action="store_true", help="generic format: id,label with the predicted class")
     p.add_argument("--submit", metavar="COMPETITION", default=None, help="submit with: kaggle competitions submit")
     p.add_argument("-m", "--message", default=None, help="submission message")
+    p.add_argument("--force", action="store_true",
+                   help="--submit even a run trained on random-weight features (refused without it)")
     p.add_argument("--models-dir", default=str(MODELS_DIR), help="where runs are (default models/)")
     p.add_argument("--submissions-dir", default=str(SUBMISSIONS_DIR), help="default output folder and log.csv")
-    a = p.parse_args(argv)
+    a = parse_command(p, argv)
     from ..submission import submit
     run_main(submit, a.run, fmt=a.format, sample=a.sample, out=a.out, clip=a.clip, labels=a.labels,
-             competition=a.submit, message=a.message, models_dir=a.models_dir, submissions_dir=a.submissions_dir)
+             competition=a.submit, message=a.message, models_dir=a.models_dir, submissions_dir=a.submissions_dir,
+             force=a.force)
 

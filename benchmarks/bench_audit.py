@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Audit benchmark: seconds of audit.py on the dog-breed shape, and the near-duplicate similarity study.
+
+speed (default): 10,222 labelled rows (10% held out) + 10,357 test rows x 6,656 dims (xception 2048 + inception_v3
+2048 + resnet50 2048 + vgg16 512), 120 classes, low-rank synthetic features (featstack.synthetic), a logreg run for
+the out-of-fold probabilities, and one real photo file per id (the dogs-vs-cats sample cycled, each copy made
+unique by trailing bytes JPEG readers ignore) so hashing and header reads touch real files. Only the audit is timed.
+
+threshold: real dogs-vs-cats photos plus re-encoded copies of test photos placed in train (0.52-0.90x size, JPEG
+quality 41-60), extracted with seeded random weights; prints the cosine similarity of the copies and of the closest
+distinct photos, as audit.py computes it.
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import header, write_json  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data" / "dogs-vs-cats-sample"
+WIDTHS = {"xception": 2048, "inception_v3": 2048, "resnet50": 2048, "vgg16": 512}
+LIMIT = 60
+
+
+def _photo_bytes() -> list[bytes]:
+    if SHARED.is_dir():
+        return [p.read_bytes() for p in sorted((SHARED / "train").glob("*.jpg"))]
+    import io
+
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(50):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (375, 500, 3), dtype=np.uint8)).save(buf, "JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+def _write_images(store, data: Path) -> None:
+    """A dog-breed layout folder holding one file per id of the store, and dataset.json pointed at it."""
+    import pandas as pd
+
+    from featstack.split import read_split
+    split = read_split(store)
+    photos = _photo_bytes()
+    (data / "train").mkdir(parents=True)
+    (data / "test").mkdir()
+    for k, (image_id, part) in enumerate(zip(split["id"], split["split"])):
+        folder = data / ("test" if part == "test" else "train")
+        (folder / f"{image_id}.jpg").write_bytes(photos[k % len(photos)] + image_id.encode())
+    labelled = split[split["split"] != "test"]
+    pd.DataFrame({"id": labelled["id"], "breed": labelled["label"]}).to_csv(data / "labels.csv", index=False)
+    meta = json.loads(store.dataset_json.read_text())
+    store.dataset_json.write_text(json.dumps({**meta, "data": str(data), "layout": "dog-breed"}, indent=2))
+
+
+def _prepared_run(work: Path, a) -> Path:
+    """The synthetic dog-breed-shape store, its photo files and a logreg run in ``work``; reused when present."""
+    from featstack.stack import newest_run, run_stack
+    from featstack.synthetic import write_synthetic_store
+    if (work / "models").is_dir() and any((work / "models").glob("*/config.json")):
+        return newest_run(work / "models")
+    shutil.rmtree(work, ignore_errors=True)
+    store = write_synthetic_store(work / "features", "dogbreed_shape", classes=a.classes, labelled=a.labelled,
+                                  test_rows=a.test_rows, widths=WIDTHS, separation=0.3, holdout=0.1)
+    _write_images(store, work / "data")
+    return run_stack(store.root, model="logreg", models_dir=work / "models")
+
+
+def speed(a) -> dict:
+    from featstack.audit import audit_run, write_audit
+    results = {**header(), "shape": {}, "seconds": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _prepared_run(Path(a.workdir) if a.workdir else Path(tmp) / "work", a)
+        load_before = os.getloadavg()[0]
+        cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        audit = audit_run(run)
+        t1 = time.perf_counter()
+        folder = write_audit(audit, a.top)
+        total = time.perf_counter() - t0
+        results["load_average"] = {"before": round(load_before, 1), "after": round(os.getloadavg()[0], 1)}
+        results["seconds"] = {**{k: round(v, 2) for k, v in audit.seconds.items()},
+                              "write": round(time.perf_counter() - t1, 2), "total": round(total, 2)}
+        results["cpu_seconds"] = round(time.process_time() - cpu0, 1)  # all threads of the audit
+        results["shape"] = {"rows": len(audit.fs.ids), "dims": sum(b.shape[1] for b in audit.fs.blocks.values()),
+                            "classes": len(audit.fs.classes), "photos": "real" if SHARED.is_dir() else "generated"}
+        results["found"] = {"label_issues": len(audit.label_issues), "duplicate_pairs": len(audit.duplicates),
+                            "outliers": len(audit.outliers), "files": sorted(p.name for p in folder.iterdir())}
+    print(f"\nshape: {results['shape']}, load average {results['load_average']}")
+    for k, v in results["seconds"].items():
+        print(f"{k:<14}{v:>8.2f} s")
+    print(f"audit total {total:.1f} s, {results['cpu_seconds']} CPU s (limit {LIMIT} s): "
+          f"{'ok' if total <= LIMIT else 'OVER'}")
+    return results
+
+
+def threshold_study(a) -> dict:
+    from PIL import Image
+
+    from featstack.audit import embedding
+    from featstack.extract import extract
+    from featstack.features import load_features
+    if not SHARED.is_dir():
+        sys.exit(f"{SHARED} is absent: the study needs the real photos")
+    results = {**header(), "image_size": a.image_size, "backbones": a.backbones}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        (data / "train").mkdir(parents=True)
+        (data / "test1").mkdir()
+        for c in ("cat", "dog"):
+            for n in range(a.photos // 2):
+                shutil.copy(SHARED / "train" / f"{c}.{n}.jpg", data / "train" / f"{c}.{n}.jpg")
+        for n in range(1, a.test + 1):
+            shutil.copy(SHARED / "test1" / f"{n}.jpg", data / "test1" / f"{n}.jpg")
+        copies = {}
+        for k in range(1, a.copies + 1):
+            img = Image.open(SHARED / "test1" / f"{k}.jpg")
+            scale = 0.5 + 0.02 * k
+            img.resize((int(img.width * scale), int(img.height * scale)), Image.BICUBIC).save(
+                data / "train" / f"dog.{1000 + k}.jpg", quality=40 + k)
+            copies[f"dog.{1000 + k}"] = str(k)
+        summary = extract(data, backbones=a.backbones.split(","), weights="random", image_size=a.image_size,
+                          features_dir=Path(tmp) / "features", progress=False)
+        fs = load_features(summary.paths.root)
+        unit = embedding(fs).astype(np.float64)
+        sim = unit @ unit.T
+        row = {i: k for k, i in enumerate(fs.ids)}
+        copy_pairs = {(row[c], row[t]) for c, t in copies.items()}
+        copy_sims = np.array([sim[x, y] for x, y in copy_pairs])
+        distinct = np.ones_like(sim, bool)
+        np.fill_diagonal(distinct, False)
+        for x, y in copy_pairs:
+            distinct[x, y] = distinct[y, x] = False
+        distinct_sims = sim[np.triu(distinct)]
+        if a.sheet:
+            from featstack.audit import run_audit
+            from featstack.stack import run_stack
+            run = run_stack(summary.paths.root, models_dir=Path(tmp) / "models", folds=3)
+            shutil.copy(run_audit(run, top=a.top) / "duplicates.png", a.sheet)
+        results.update({
+            "images": len(fs.ids), "copies": len(copy_pairs), "distinct_pairs": int(len(distinct_sims)),
+            "copy_similarity": {"min": float(copy_sims.min()), "median": float(np.median(copy_sims))},
+            "distinct_similarity": {"max": float(distinct_sims.max()), "p99.9": float(np.quantile(distinct_sims, 0.999))},
+            "at_threshold": {str(t): {"copies_found": int((copy_sims >= t).sum()),
+                                      "distinct_pairs_above": int((distinct_sims >= t).sum())}
+                             for t in (0.9, 0.95, 0.98)}})
+    print(json.dumps({k: results[k] for k in ("images", "copies", "copy_similarity", "distinct_similarity",
+                                              "at_threshold")}, indent=2))
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", nargs="?", default="speed", choices=["speed", "threshold"])
+    p.add_argument("--labelled", type=int, default=10222)
+    p.add_argument("--test-rows", type=int, default=10357)
+    p.add_argument("--classes", type=int, default=120)
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--photos", type=int, default=160, help="threshold: distinct training photos")
+    p.add_argument("--test", type=int, default=40, help="threshold: distinct test photos")
+    p.add_argument("--copies", type=int, default=20, help="threshold: re-encoded test photos placed in train")
+    p.add_argument("--image-size", type=int, default=None, help="threshold: input size (default each backbone's)")
+    p.add_argument("--backbones", default="resnet50,vgg16", help="threshold: backbones")
+    p.add_argument("--sheet", default=None, help="threshold: also audit the photos and copy duplicates.png here")
+    p.add_argument("--workdir", default=None,
+                   help="speed: keep the store, photos and run here and reuse them (default: a temporary folder)")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    results = speed(a) if a.mode == "speed" else threshold_study(a)
+    write_json(results, a.out or f"benchmarks/results/audit_{a.mode}.json")
+
+
+if __name__ == "__main__":
+    main()

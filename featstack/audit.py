@@ -1,0 +1,529 @@
+"""Audit stage: label issues, near duplicates, leakage, outliers and dataset facts of a run, from its cached data."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+import warnings
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import FeatstackError
+from .features import FeatureSet, load_features, read_bad_ids
+from .paths import MODELS_DIR, AuditPaths, DatasetPaths, RunPaths
+
+# Cosine similarity of centred, L2-normalised features above which two images count as near duplicates. Measured on
+# the real dogs-vs-cats photos (README, "Auditing the data"): re-encoded copies (0.5-0.9x size, JPEG quality 41-60)
+# scored >= 0.987, the closest pair of distinct photos <= 0.774 (resnet50 + vgg16); 0.95 sits between the two.
+SIMILARITY = 0.95
+CANDIDATES = 10  # nearest neighbours per image looked at for duplicates, and cleanlab's k for outliers
+PCA_DIMS = 256  # neighbour search runs in this many PCA dims; candidate pairs are then scored in the full space
+TOP = 20
+SPLIT_ORDER = {"train": 0, "holdout": 1, "test": 2}
+LABEL_COLUMNS = ["id", "split", "path", "given_label", "suggested_label", "label_quality"]
+DUPLICATE_COLUMNS = ["id_a", "id_b", "split_a", "split_b", "similarity", "exact", "path_a", "path_b"]
+OUTLIER_COLUMNS = ["id", "split", "label", "path", "ood_score"]
+
+
+@dataclass
+class Audit:
+    """Everything one audit found; ``write`` turns it into the audit folder."""
+
+    run: RunPaths
+    fs: FeatureSet
+    paths: dict[str, str]
+    label_issues: pd.DataFrame
+    duplicates: pd.DataFrame
+    outliers: pd.DataFrame
+    sizes: pd.DataFrame  # id, width, height (header read); unreadable headers have NaN
+    bad_images: int
+    notes: list[str]  # what could not be checked, and why
+    threshold: float
+    seconds: dict[str, float]
+
+
+def _run_folder(run: str | Path | None, models_dir: str | Path) -> RunPaths:
+    from .stack import newest_run
+    root = Path(run) if run else newest_run(models_dir)
+    paths = RunPaths(root)
+    if not paths.config_json.is_file():
+        raise FeatstackError(f"--run {root}: not a stack.py run folder (no config.json); pass models/<run-id>")
+    for needed in (paths.oof_csv, paths.holdout_csv):
+        if not needed.is_file():
+            raise FeatstackError(f"{needed} is missing; rerun stack.py to rebuild run {paths.run_id}")
+    return paths
+
+
+def _load_run_features(run: RunPaths) -> tuple[dict, FeatureSet]:
+    from .stack import read_run_json
+    config = read_run_json(run.config_json)
+    features_dir = Path(config["features_dir"])
+    if not features_dir.is_dir():
+        raise FeatstackError(f"{run.config_json}: its feature store {features_dir} no longer exists; restore it or "
+                             "rerun extract_features.py and stack.py")
+    stems = [Path(e["file"]).stem for e in config["feature_files"].values()]
+    return config, load_features(features_dir, stems, config.get("allow_missing", False))
+
+
+def image_paths(fs: FeatureSet) -> tuple[dict[str, str], str | None]:
+    """id -> image path from the dataset's canonical table; without the data folder, no paths and a note why."""
+    from .layouts import read_layout
+    data, layout = fs.meta.get("data"), fs.meta.get("layout", "auto")
+    try:
+        table, _ = read_layout(data, layout)
+    except FeatstackError as exc:
+        return {}, (f"the images of {data} cannot be listed ({exc}); file hashes, image sizes and contact sheets "
+                    "are left out")
+    return dict(zip(table["id"], table["path"])), None
+
+
+def _predictions(csv: Path, classes: list[str]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    frame = pd.read_csv(csv, dtype={"id": str, "label": str}, keep_default_na=False)
+    missing = [c for c in ["id", "label", *classes] if c not in frame.columns]
+    if missing:
+        raise FeatstackError(f"{csv}: columns {', '.join(missing[:3])} are missing; rerun stack.py to rebuild it")
+    index = {c: k for k, c in enumerate(classes)}
+    unknown = sorted(set(frame["label"]) - set(index))
+    if unknown:
+        raise FeatstackError(f"{csv}: label {unknown[0]!r} is not one of the run's classes; rerun stack.py")
+    proba = frame[classes].to_numpy(np.float64)
+    return frame, np.array([index[l] for l in frame["label"]], dtype=int), proba / proba.sum(axis=1, keepdims=True)
+
+
+def find_label_issues(frame: pd.DataFrame, labels: np.ndarray, proba: np.ndarray, classes: list[str], split: str,
+                      paths: dict[str, str]) -> pd.DataFrame:
+    """cleanlab's label issues (its default prune_by_noise_rate filter), worst label-quality score first."""
+    from cleanlab.filter import find_label_issues as cleanlab_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    if len(set(labels.tolist())) < 2:  # cleanlab needs two classes among the given labels
+        return pd.DataFrame(columns=LABEL_COLUMNS)
+    quality = get_label_quality_scores(labels, proba)
+    with warnings.catch_warnings():
+        # "May not flag all label issues in class k, it has too few examples": advice for small classes, not news.
+        warnings.filterwarnings("ignore", message="May not flag all label issues", category=UserWarning)
+        ranked = cleanlab_issues(labels, proba, return_indices_ranked_by="self_confidence", n_jobs=1)
+    ids = frame["id"].to_numpy(object)[ranked]
+    return pd.DataFrame({"id": ids, "split": split, "path": [paths.get(i, "") for i in ids],
+                         "given_label": [classes[k] for k in labels[ranked]],
+                         "suggested_label": [classes[k] for k in proba[ranked].argmax(axis=1)],
+                         "label_quality": quality[ranked]}, columns=LABEL_COLUMNS)
+
+
+def embedding(fs: FeatureSet) -> np.ndarray:
+    """Rows as unit vectors: each backbone block L2-normalised (equal weight), centred, then normalised again.
+
+    Centring matters: pooled ReLU features share a large positive mean, so raw cosine similarity of two unrelated
+    photos is 0.99 and a re-encoded copy is hard to tell apart from them (measured: README, "Auditing the data").
+    """
+    n = len(fs.ids)
+    out = np.empty((n, sum(b.shape[1] for b in fs.blocks.values())), np.float32)
+    start = 0
+    for block in fs.blocks.values():
+        width = block.shape[1]
+        norms = np.linalg.norm(block, axis=1, keepdims=True)
+        np.divide(block, np.maximum(norms, 1e-12), out=out[:, start:start + width])
+        start += width
+    out -= out.mean(axis=0)
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out
+
+
+def reduce(unit: np.ndarray, dims: int = PCA_DIMS, seed: int = 0) -> np.ndarray:
+    """PCA to at most ``dims`` dims, rows L2-normalised: the space the neighbour searches run in."""
+    from sklearn.decomposition import PCA
+    n, d = unit.shape
+    if d > dims and n > dims:
+        # Two power iterations: the projection only proposes candidate pairs, scored afterwards in the full space.
+        unit = PCA(n_components=dims, svd_solver="randomized", iterated_power=2, random_state=seed).fit_transform(unit)
+    return (unit / np.maximum(np.linalg.norm(unit, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def file_hash_groups(ids: np.ndarray, paths: dict[str, str]) -> list[list[str]]:
+    """Groups of ids whose files are byte-identical; only files sharing a size with another file are hashed."""
+    by_size: dict[int, list[str]] = defaultdict(list)
+    for i in ids:
+        path = paths.get(i)
+        if path:
+            try:
+                by_size[os.stat(path).st_size].append(i)
+            except OSError:
+                pass
+    candidates = [i for group in by_size.values() if len(group) > 1 for i in group]
+
+    def digest(i):
+        try:
+            with open(paths[i], "rb") as f:
+                return hashlib.file_digest(f, "sha1").hexdigest()
+        except OSError:
+            return None
+
+    by_hash: dict[str, list[str]] = defaultdict(list)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for i, h in zip(candidates, pool.map(digest, candidates)):
+            if h:
+                by_hash[h].append(i)
+    return [group for group in by_hash.values() if len(group) > 1]
+
+
+def find_duplicates(fs: FeatureSet, unit: np.ndarray, reduced: np.ndarray, paths: dict[str, str],
+                    threshold: float = SIMILARITY, candidates: int = CANDIDATES) -> pd.DataFrame:
+    """Pairs of images with cosine similarity >= threshold, and byte-identical files, across and within splits."""
+    from sklearn.neighbors import NearestNeighbors
+    n = len(fs.ids)
+    pairs: set[tuple[int, int]] = set()
+    if n > 1:
+        knn = NearestNeighbors(n_neighbors=min(candidates, n - 1), metric="cosine", algorithm="brute").fit(reduced)
+        _, neighbours = knn.kneighbors()  # without X: each row's neighbours, itself excluded
+        rows = np.repeat(np.arange(n), neighbours.shape[1])
+        cols = neighbours.ravel()
+        pairs = {(min(a, b), max(a, b)) for a, b in zip(rows.tolist(), cols.tolist())}
+    row_of = {i: k for k, i in enumerate(fs.ids)}
+    exact = set()
+    for group in file_hash_groups(fs.ids, paths):
+        members = sorted(row_of[i] for i in group)
+        for x in range(len(members)):
+            for y in range(x + 1, len(members)):
+                exact.add((members[x], members[y]))
+    pairs |= exact
+    if not pairs:
+        return pd.DataFrame(columns=DUPLICATE_COLUMNS)
+    a, b = np.array(sorted(pairs)).T
+    similarity = np.einsum("ij,ij->i", unit[a], unit[b])  # exact cosine in the full space, not the PCA estimate
+    is_exact = np.array([p in exact for p in zip(a.tolist(), b.tolist())])
+    keep = (similarity >= threshold) | is_exact
+    a, b, similarity, is_exact = a[keep], b[keep], similarity[keep], is_exact[keep]
+    # The earlier split first (train, holdout, test), so a leak reads train -> test.
+    swap = np.array([SPLIT_ORDER.get(fs.split[x], 3) > SPLIT_ORDER.get(fs.split[y], 3) for x, y in zip(a, b)], bool)
+    a, b = np.where(swap, b, a), np.where(swap, a, b)
+    frame = pd.DataFrame({"id_a": fs.ids[a], "id_b": fs.ids[b], "split_a": fs.split[a], "split_b": fs.split[b],
+                          "similarity": np.round(similarity.astype(float), 6), "exact": is_exact,
+                          "path_a": [paths.get(i, "") for i in fs.ids[a]],
+                          "path_b": [paths.get(i, "") for i in fs.ids[b]]}, columns=DUPLICATE_COLUMNS)
+    return frame.sort_values(["exact", "similarity"], ascending=False, kind="stable").reset_index(drop=True)
+
+
+def find_outliers(fs: FeatureSet, reduced: np.ndarray, paths: dict[str, str], k: int = CANDIDATES) -> pd.DataFrame:
+    """cleanlab's out-of-distribution score on the features; flagged with cleanlab Datalab's default rule."""
+    from cleanlab.datalab.internal.issue_manager.outlier import OutlierIssueManager
+    from cleanlab.outlier import OutOfDistribution
+
+    n = len(fs.ids)
+    if n <= k + 1:
+        return pd.DataFrame(columns=OUTLIER_COLUMNS)
+    scores = OutOfDistribution(params={"k": k}).fit_score(features=reduced, verbose=False)
+    # score = exp(-t * d / median d), so -log(score) is the average neighbour distance up to a scale; Datalab
+    # flags a distance above Q3 + (1 / threshold - 1) * IQR, which no rescaling changes.
+    distance = -np.log(np.maximum(scores, 1e-300))
+    q1, q3 = np.percentile(distance, [25, 75])
+    threshold = OutlierIssueManager.DEFAULT_THRESHOLDS["features"]
+    flagged = np.flatnonzero(distance > q3 + (1 / threshold - 1) * (q3 - q1))
+    flagged = flagged[np.argsort(scores[flagged], kind="stable")]
+    return pd.DataFrame({"id": fs.ids[flagged], "split": fs.split[flagged],
+                         "label": [l if l is not None else "" for l in fs.labels[flagged]],
+                         "path": [paths.get(i, "") for i in fs.ids[flagged]], "ood_score": scores[flagged]},
+                        columns=OUTLIER_COLUMNS)
+
+
+def header_sizes(ids: np.ndarray, paths: dict[str, str]) -> pd.DataFrame:
+    """Width and height as stored in each file's header (PIL reads the header only; no pixel is decoded)."""
+    from PIL import Image
+
+    def size(i):
+        try:
+            with Image.open(paths[i]) as img:
+                return img.size
+        except Exception:  # noqa: BLE001 - any unreadable header is counted, not raised
+            return (np.nan, np.nan)
+
+    listed = [i for i in ids if i in paths]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        sizes = list(pool.map(size, listed))
+    return pd.DataFrame({"id": listed, "width": [s[0] for s in sizes], "height": [s[1] for s in sizes]})
+
+
+def audit_run(run: str | Path | None = None, *, threshold: float = SIMILARITY,
+              models_dir: str | Path = MODELS_DIR) -> Audit:
+    """Find label issues, duplicates and outliers of a run; nothing is written."""
+    if not 0 < threshold <= 1:
+        raise FeatstackError(f"--threshold {threshold}: a cosine similarity above 0 and at most 1")
+    seconds = {}
+    t0 = time.perf_counter()
+    run_paths = _run_folder(run, models_dir)
+    config, fs = _load_run_features(run_paths)
+    classes = list(config["classes"])
+    paths, data_note = image_paths(fs)
+    seconds["load"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    issues, notes = [], [data_note] if data_note else []
+    for csv, split in ((run_paths.oof_csv, "train"), (run_paths.holdout_csv, "holdout")):
+        frame, labels, proba = _predictions(csv, classes)
+        if len(frame) and len(set(labels.tolist())) < 2:
+            notes.append(f"the {split} rows hold one class only, and cleanlab needs two: no {split} label issues")
+        issues.append(find_label_issues(frame, labels, proba, classes, split, paths))
+    label_issues = pd.concat(issues, ignore_index=True)
+    seconds["label_issues"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    unit = embedding(fs)
+    reduced = reduce(unit)
+    seconds["embedding"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    duplicates = find_duplicates(fs, unit, reduced, paths, threshold)
+    seconds["duplicates"] = time.perf_counter() - t0
+    del unit
+    t0 = time.perf_counter()
+    outliers = find_outliers(fs, reduced, paths)
+    seconds["outliers"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    sizes = header_sizes(fs.ids, paths) if paths else pd.DataFrame(columns=["id", "width", "height"])
+    bad = len(read_bad_ids(DatasetPaths(fs.paths.root)))
+    seconds["sizes"] = time.perf_counter() - t0
+    return Audit(run_paths, fs, paths, label_issues, duplicates, outliers, sizes, bad, notes, threshold, seconds)
+
+
+def run_audit(run: str | Path | None = None, *, top: int = TOP, threshold: float = SIMILARITY,
+              models_dir: str | Path = MODELS_DIR) -> Path:
+    """Audit a run and write ``<run>/audit/``; prints the counts and, last, the folder."""
+    if top < 1:
+        raise FeatstackError(f"--top {top}: must be at least 1")
+    started = time.perf_counter()
+    audit = audit_run(run, threshold=threshold, models_dir=models_dir)
+    for note in audit.notes:
+        print(f"warning: {note}")
+    t0 = time.perf_counter()
+    folder = write_audit(audit, top)
+    audit.seconds["write"] = time.perf_counter() - t0
+    for finding, count, _ in summary_rows(audit):
+        print(f"{finding}: {count}")
+    print(f"{time.perf_counter() - started:.1f} s")
+    print(folder)
+    return folder
+
+
+def pair_kind(split_a: str, split_b: str) -> str:
+    pair = {split_a, split_b}
+    if "test" in pair and pair != {"test"}:
+        return "leak into test"
+    if pair == {"train", "holdout"}:
+        return "train ↔ holdout"
+    return f"within {split_a}"
+
+
+def summary_rows(audit: Audit) -> list[tuple[str, str, str]]:
+    """(finding, count, file) for the console and audit.md."""
+    li, dup = audit.label_issues, audit.duplicates
+    kinds = pd.Series([pair_kind(a, b) for a, b in zip(dup["split_a"], dup["split_b"])], dtype=object).value_counts()
+    kinds_text = ", ".join(f"{v} {k}" for k, v in kinds.items()) or "none"
+    rows = [("label issues", f"{int((li['split'] == 'train').sum())} train (out-of-fold), "
+                             f"{int((li['split'] == 'holdout').sum())} holdout", "label_issues.csv"),
+            ("duplicates", f"{len(dup)} pairs ({kinds_text}), {int(dup['exact'].sum())} byte-identical",
+             "duplicates.csv"),
+            ("outliers", str(len(audit.outliers)), "outliers.csv"),
+            ("bad images", str(audit.bad_images), "")]
+    if len(audit.sizes):
+        rows.append(("unreadable image headers", str(int(audit.sizes["width"].isna().sum())), ""))
+    return rows
+
+
+def write_audit(audit: Audit, top: int = TOP) -> Path:
+    """Write every file into a hidden folder, then rename it to ``<run>/audit`` (replacing an older audit)."""
+    final = AuditPaths(audit.run.audit_dir)
+    tmp = AuditPaths(audit.run.root / f".audit.tmp{os.getpid()}")
+    old = audit.run.root / f".audit.old{os.getpid()}"
+    shutil.rmtree(tmp.root, ignore_errors=True)
+    tmp.root.mkdir()
+    try:
+        audit.label_issues.to_csv(tmp.label_issues_csv, index=False)
+        audit.duplicates.to_csv(tmp.duplicates_csv, index=False)
+        audit.outliers.to_csv(tmp.outliers_csv, index=False)
+        plot_class_balance(audit.fs, tmp.class_balance_png)
+        if len(audit.sizes):
+            plot_image_sizes(audit.sizes, tmp.image_sizes_png)
+        if audit.paths and len(audit.label_issues):
+            label_sheet(audit.label_issues.head(top), tmp.label_issues_png)
+        if audit.paths and len(audit.duplicates):
+            duplicate_sheet(audit.duplicates.head(top), tmp.duplicates_png)
+        tmp.audit_md.write_text(markdown(audit, top, tmp))
+        if final.root.exists():
+            os.rename(final.root, old)
+        os.rename(tmp.root, final.root)
+    finally:
+        shutil.rmtree(tmp.root, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    return final.root
+
+
+def _table(frame: pd.DataFrame, columns: list[str], top: int) -> list[str]:
+    if frame.empty:
+        return ["None found."]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for rec in frame.head(top).to_dict("records"):
+        cells = [f"{rec[c]:.4f}" if isinstance(rec[c], float) else str(rec[c]) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    if len(frame) > top:
+        lines.append(f"\n… and {len(frame) - top} more in the CSV file.")
+    return lines
+
+
+def markdown(audit: Audit, top: int, files: AuditPaths) -> str:
+    fs, li, dup = audit.fs, audit.label_issues, audit.duplicates
+    counts = {s: int((fs.split == s).sum()) for s in SPLIT_ORDER}
+    lines = [f"# Data audit of run {audit.run.run_id}", "",
+             f"Feature store `{fs.paths.root}` ({counts['train']} train, {counts['holdout']} holdout, "
+             f"{counts['test']} test rows; backbones {', '.join(fs.blocks)}), images in `{fs.meta.get('data')}`.", ""]
+    if fs.random_weights:
+        lines += ["**RANDOM weights**: features of untrained backbones find duplicates but say little about labels "
+                  "or outliers.", ""]
+    lines += [f"Note: {note}." for note in audit.notes] + ([""] if audit.notes else [])
+    lines += ["| finding | count | file |", "|---|---|---|"]
+    lines += [f"| {finding} | {count} | {f'`{file}`' if file else ''} |" for finding, count, file in summary_rows(audit)]
+    lines += ["", "## Label issues", "",
+              "cleanlab `find_label_issues` on the run's **out-of-fold** probabilities (training rows; each row was "
+              "predicted by a model that never saw it) and on the holdout predictions, ranked by cleanlab's "
+              "label-quality score (lowest first).", ""]
+    lines += _table(li, ["id", "split", "given_label", "suggested_label", "label_quality"], top)
+    if files.label_issues_png.exists():
+        lines += ["", "![label issues](label_issues.png)"]
+    lines += ["", "## Duplicates and leakage", "",
+              f"Pairs with cosine similarity ≥ {audit.threshold} of centred, L2-normalised features, and "
+              "byte-identical files (`exact`). A train ↔ holdout pair makes the holdout score optimistic; a pair "
+              "that reaches into test inflates it.", ""]
+    lines += _table(dup, ["id_a", "id_b", "split_a", "split_b", "similarity", "exact"], top)
+    if files.duplicates_png.exists():
+        lines += ["", "![duplicates](duplicates.png)"]
+    lines += ["", "## Outliers", "",
+              "cleanlab `OutOfDistribution` score on the features (lowest = least like any other image); flagged "
+              "with cleanlab Datalab's default rule.", ""]
+    lines += _table(audit.outliers, ["id", "split", "label", "ood_score"], top)
+    lines += ["", "## Dataset facts", ""]
+    if len(audit.sizes):
+        w, h = audit.sizes["width"].dropna(), audit.sizes["height"].dropna()
+        if len(w):
+            lines += [f"Image sizes from the file headers: width {int(w.min())}–{int(w.max())} (median "
+                      f"{int(w.median())}), height {int(h.min())}–{int(h.max())} (median {int(h.median())}).", "",
+                      "![image sizes](image_sizes.png)", ""]
+    labelled = pd.Series([l for l, s in zip(fs.labels, fs.split) if s in ("train", "holdout")], dtype=object)
+    if len(labelled):
+        counts_per = labelled.value_counts()
+        lines += [f"Class balance (train + holdout): {len(counts_per)} classes, {int(counts_per.min())} to "
+                  f"{int(counts_per.max())} images per class.", "", "![class balance](class_balance.png)", ""]
+    lines += [f"Bad images (could not be decoded at extraction, `bad_images.csv`): {audit.bad_images}.", "",
+              "## Acting on it", "",
+              "Look at the contact sheets and the photos named in the CSV files. To retrain without training rows "
+              "you judge wrong, pass any CSV with an `id` column (edit `label_issues.csv` down to the rows you "
+              "confirm): `python stack.py --features FEATURES --exclude audit/label_issues.csv`. Holdout rows are "
+              "never excluded, so holdout scores stay comparable across runs.", ""]
+    return "\n".join(lines)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _short(text: str, width: int = 24) -> str:
+    text = str(text)
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def thumbnail(path: str, side: int = 256) -> np.ndarray:
+    """The photo as the extractor decodes it (EXIF-rotated RGB), shrunk to fit ``side``; grey if unreadable."""
+    from PIL import Image
+
+    from .decode import BadImage, decode_rgb
+    try:
+        img = decode_rgb(path)
+    except BadImage:
+        return np.full((side, side, 3), 128, np.uint8)
+    img.thumbnail((side, side), Image.BILINEAR)
+    return np.asarray(img)
+
+
+def _sheet(groups: list[tuple[str, list[tuple[str, str]]]], png: Path, per_row: int, title: str) -> None:
+    """A contact sheet: each group (a caption and its (path, caption) photos) in its own framed panel."""
+    plt = _pyplot()
+    size = len(groups[0][1])
+    rows = -(-len(groups) // per_row)
+    fig = plt.figure(figsize=(2.7 * size * per_row, 3.4 * rows + 0.6), layout="constrained")
+    fig.suptitle(title, fontsize=13)
+    panels = np.atleast_1d(fig.subfigures(rows, per_row, wspace=0.03, hspace=0.03)).ravel()
+    for k, panel in enumerate(panels):
+        if k >= len(groups):
+            continue
+        caption, photos = groups[k]
+        panel.set_facecolor("#eef2f7" if (k // per_row + k % per_row) % 2 == 0 else "#f7f4ee")
+        panel.suptitle(caption, fontsize=10, ha="left", x=0.03)
+        axes = np.atleast_1d(panel.subplots(1, len(photos)))
+        for ax, (path, label) in zip(axes, photos):
+            ax.imshow(thumbnail(path))
+            ax.axis("off")
+            if label:
+                ax.set_title(label, fontsize=9)
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def label_sheet(issues: pd.DataFrame, png: Path) -> None:
+    groups = [(f"{_short(r['id'])} ({r['split']})\ngiven: {_short(r['given_label'], 26)}\n"
+               f"suggested: {_short(r['suggested_label'], 22)}\nlabel quality {r['label_quality']:.3f}",
+               [(r["path"], "")]) for r in issues.to_dict("records") if r["path"]]
+    if groups:
+        _sheet(groups, png, 5, "Label issues, worst first: given label vs the out-of-fold model's suggestion")
+
+
+def duplicate_sheet(pairs: pd.DataFrame, png: Path) -> None:
+    groups = []
+    for k, r in enumerate(pairs.to_dict("records"), 1):
+        if r["path_a"] and r["path_b"]:
+            how = "byte-identical" if r["exact"] else f"similarity {r['similarity']:.3f}"
+            groups.append((f"#{k}  {how}, {pair_kind(r['split_a'], r['split_b'])}",
+                           [(r["path_a"], f"{r['split_a']}: {_short(r['id_a'], 20)}"),
+                            (r["path_b"], f"{r['split_b']}: {_short(r['id_b'], 20)}")]))
+    if groups:
+        _sheet(groups, png, 2, "Duplicate pairs, most similar first")
+
+
+def plot_image_sizes(sizes: pd.DataFrame, png: Path) -> None:
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, column in zip(axes, ("width", "height")):
+        values = sizes[column].dropna()
+        ax.hist(values, bins=40, color="#4878a8")
+        ax.set_xlabel(f"{column} (px, from the file header)")
+        ax.set_ylabel("images")
+    unreadable = int(sizes["width"].isna().sum())
+    fig.suptitle(f"Image sizes of {len(sizes) - unreadable} images" + (f" ({unreadable} unreadable headers)"
+                                                                        if unreadable else ""))
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def plot_class_balance(fs: FeatureSet, png: Path) -> None:
+    plt = _pyplot()
+    frame = pd.DataFrame({"label": fs.labels, "split": fs.split})
+    frame = frame[frame["split"].isin(["train", "holdout"])]
+    counts = frame.groupby(["label", "split"]).size().unstack(fill_value=0).reindex(columns=["train", "holdout"],
+                                                                                    fill_value=0)
+    n = len(counts)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.14 * n + 2), 4.5))
+    ax.bar(range(n), counts["train"], label="train", color="#4878a8")
+    ax.bar(range(n), counts["holdout"], bottom=counts["train"], label="holdout", color="#e0a040")
+    ax.set_xticks(range(n), counts.index, rotation=90, fontsize=max(4.0, min(10.0, 400 / max(n, 1))))
+    ax.set_ylabel("images")
+    ax.legend()
+    ax.set_title(f"Class balance: {n} classes, {int((fs.split == 'test').sum())} unlabelled test images")
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)

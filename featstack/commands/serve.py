@@ -1,0 +1,47 @@
+"""`featstack serve` (and serve.py): the photo app, a web page and a JSON API that answer photos through a stack.py run."""
+import argparse
+import os
+
+from ..cli import parse_command, run_main
+from ..paths import MODELS_DIR
+
+DESCRIPTION = ("The photo app: a web page and a JSON API that say which class (breed) is in a photo, through a trained "
+               "stack.py run, with exactly predict.py's answers.")
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: give a positive number")
+        return value
+    return parse
+
+
+def main(argv=None, prog=None):
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    p.add_argument("--run", default=None, help="a stack.py run folder (default: the newest under --models-dir)")
+    p.add_argument("--models-dir", default=str(MODELS_DIR), help="where runs are (default models/)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 takes a free one)")
+    p.add_argument("--max-batch", type=_positive(int), default=32,
+                   help="most photos answered in one forward pass (default 32)")
+    p.add_argument("--max-wait-ms", type=float, default=20.0,
+                   help="how long the first photo of a batch waits for others to join it (default 20)")
+    p.add_argument("--max-upload-mb", type=_positive(float), default=20.0,
+                   help="largest request body, all its photos together (default 20)")
+    p.add_argument("--max-megapixels", type=_positive(float), default=50.0,
+                   help="largest photo, judged from its header before decoding (default 50)")
+    p.add_argument("--token", default=os.environ.get("FEATSTACK_TOKEN") or None,
+                   help="require Authorization: Bearer TOKEN on the API (default: $FEATSTACK_TOKEN; none: open)")
+    a = parse_command(p, argv)
+    if a.max_wait_ms < 0:
+        p.error(f"--max-wait-ms {a.max_wait_ms:g}: must be 0 or more")
+    from ..serve import ServeConfig, serve
+    config = ServeConfig(run=a.run, models_dir=a.models_dir, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,
+                         max_upload_mb=a.max_upload_mb, max_megapixels=a.max_megapixels, token=a.token)
+    run_main(serve, config, host=a.host, port=a.port)

@@ -1,0 +1,222 @@
+"""Audit: flipped labels ranked first, a re-encoded test photo found in train, outliers, files, stack.py --exclude."""
+import json
+import re
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from featstack.audit import SIMILARITY, header_sizes, run_audit
+from featstack.commands import audit as audit_command
+from featstack.errors import FeatstackError
+from featstack.paths import AuditPaths, RunPaths
+from featstack.stack import run_stack
+from featstack.synthetic import write_synthetic_store
+
+AUDIT_FILES = ["audit.md", "class_balance.png", "duplicates.csv", "duplicates.png", "image_sizes.png",
+               "label_issues.csv", "label_issues.png", "outliers.csv"]
+
+
+def _flip(labels, k, classes):
+    return classes[(classes.index(labels[k]) + 1) % len(classes)]
+
+
+@pytest.fixture(scope="module")
+def flipped(tmp_path_factory):
+    """A separable synthetic store with six training and three holdout labels flipped, and a logreg run on it."""
+    base = tmp_path_factory.mktemp("flipped")
+    store = write_synthetic_store(base / "features", "sep", classes=4, per_class=40, separation=4.0,
+                                  test_rows=10, widths={"resnet50": 32, "vgg16": 16}, holdout=0.3)
+    split = pd.read_csv(store.split_csv, dtype=str, keep_default_na=False)
+    classes = sorted(set(split.loc[split.split == "train", "label"]))
+    train_rows = split.index[split.split == "train"][::17][:6]  # spread over every class
+    holdout_rows = split.index[split.split == "holdout"][::7][:3]
+    for k in [*train_rows, *holdout_rows]:
+        split.at[k, "label"] = _flip(split["label"], k, classes)
+    split.to_csv(store.split_csv, index=False)
+    run = run_stack(store.root, models_dir=base / "models", folds=3)
+    return {"store": store, "run": run, "train": set(split.id[train_rows]), "holdout": set(split.id[holdout_rows]),
+            "split": split}
+
+
+def test_flipped_training_labels_come_first(flipped, capsys):
+    folder = run_audit(flipped["run"])
+    out = capsys.readouterr().out
+    assert out.strip().splitlines()[-1] == str(folder) == str(RunPaths(flipped["run"]).audit_dir)
+    assert "label issues: " in out and "cannot be listed" in out  # synthetic store: no image files, said once
+    issues = pd.read_csv(AuditPaths(folder).label_issues_csv, dtype=str, keep_default_na=False)
+    assert list(issues.columns) == ["id", "split", "path", "given_label", "suggested_label", "label_quality"]
+    assert set(issues.id[:6]) == flipped["train"]
+    assert (issues.split[:6] == "train").all()
+    quality = issues.label_quality.astype(float)
+    assert (np.diff(quality[issues.split == "train"]) >= 0).all()  # ranked, worst first
+    # The holdout is listed after every training row, from the holdout predictions; its flipped rows are found.
+    assert list(issues.split) == sorted(issues.split, key=["train", "holdout"].index)
+    assert set(issues.id[issues.split == "holdout"]) == flipped["holdout"]
+    true = dict(zip(flipped["split"].id, flipped["split"].label))
+    for rec in issues[issues.id.isin(flipped["train"])].to_dict("records"):
+        assert rec["given_label"] == true[rec["id"]] and rec["suggested_label"] != rec["given_label"]
+    assert (folder / "class_balance.png").is_file() and "## Label issues" in (folder / "audit.md").read_text()
+
+
+def test_exclude_retrains_without_training_rows_only(flipped, tmp_path, capsys):
+    folder = run_audit(flipped["run"])
+    run = RunPaths(run_stack(flipped["store"].root, models_dir=tmp_path / "models", folds=3, run_id="clean",
+                             exclude=AuditPaths(folder).label_issues_csv))
+    issues = pd.read_csv(AuditPaths(folder).label_issues_csv, dtype=str)
+    n_train, n_holdout = int((issues.split == "train").sum()), int((issues.split == "holdout").sum())
+    config = json.loads(run.config_json.read_text())
+    assert config["exclude"]["train_rows"] == n_train and config["exclude"]["holdout_kept"] == n_holdout == 3
+    oof = pd.read_csv(run.oof_csv, dtype={"id": str})
+    assert not set(oof.id) & set(issues.id)
+    assert len(oof) == int((flipped["split"].split == "train").sum()) - n_train
+    holdout = pd.read_csv(run.holdout_csv, dtype={"id": str})
+    assert flipped["holdout"] <= set(holdout.id)  # holdout rows are never excluded
+    assert f"{n_train} training rows were left out" in run.report_md.read_text()
+    assert json.loads(run.report_json.read_text())["excluded"]["train_rows"] == n_train
+    assert "training rows left out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, match", [
+    (None, r"--exclude .*missing\.csv: no such file"),
+    ("name\nimg000001\n", r"needs an id column; found name"),
+    ("id\nimg000001\nnot-an-id\n", r"1 ids are not in dataset sep \(first: 'not-an-id'\)"),
+])
+def test_exclude_errors(flipped, tmp_path, content, match):
+    path = tmp_path / "missing.csv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(FeatstackError, match=match):
+        run_stack(flipped["store"].root, models_dir=tmp_path / "models", folds=3, exclude=path)
+    assert not (tmp_path / "models").exists()  # no run folder, not even a hidden one
+
+
+def test_exclude_refuses_to_remove_a_whole_class(flipped, tmp_path):
+    split = flipped["split"]
+    path = tmp_path / "class0.csv"
+    split[(split.split == "train") & (split.label == "class_000")][["id"]].to_csv(path, index=False)
+    with pytest.raises(FeatstackError, match=r"takes out every training row of class 'class_000'"):
+        run_stack(flipped["store"].root, models_dir=tmp_path / "models", folds=3, exclude=path)
+
+
+def test_outlier_far_from_every_class_is_flagged(tmp_path):
+    store = write_synthetic_store(tmp_path / "features", "ood", classes=3, per_class=30, test_rows=6,
+                                  widths={"resnet50": 32}, separation=2.0)
+    import h5py
+    entry = store.entry_files()[0]
+    with h5py.File(entry, "r+") as f:
+        features = f["features"][:]
+        rng = np.random.default_rng(1)
+        features[-1] = 0
+        features[-1, rng.choice(features.shape[1], 3, replace=False)] = 50  # the last test row: unlike any image
+        f["features"][:] = features
+        far = f["ids"].asstr()[-1]
+    run = run_stack(store.root, models_dir=tmp_path / "models", folds=3)
+    outliers = pd.read_csv(AuditPaths(run_audit(run)).outliers_csv, dtype=str)
+    assert list(outliers.id) == [far] and list(outliers.split) == ["test"]  # flagged, and nothing else is
+
+
+@pytest.fixture
+def leaky(tmp_path, shared_data):
+    """Real photos in a manifest: a test photo re-encoded into train, and another copied byte for byte."""
+    src = shared_data / "dogs-vs-cats-sample"
+    data = tmp_path / "leaky"
+    (data / "train").mkdir(parents=True)
+    (data / "test").mkdir()
+    rows = []
+    for c in ("cat", "dog"):
+        for n in range(10):
+            shutil.copy(src / "train" / f"{c}.{n}.jpg", data / "train" / f"{c}.{n}.jpg")
+            rows.append((f"train/{c}.{n}.jpg", c, "holdout" if n >= 8 else "train"))
+    for n in range(1, 7):
+        shutil.copy(src / "test1" / f"{n}.jpg", data / "test" / f"{n}.jpg")
+        rows.append((f"test/{n}.jpg", "", "test"))
+    photo = Image.open(src / "test1" / "3.jpg")
+    photo.resize((int(photo.width * 0.6), int(photo.height * 0.6)), Image.BICUBIC).save(
+        data / "train" / "dog.1000.jpg", quality=50)
+    shutil.copy(src / "test1" / "5.jpg", data / "train" / "cat.1000.jpg")
+    rows += [("train/dog.1000.jpg", "dog", "train"), ("train/cat.1000.jpg", "cat", "train")]
+    pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(data / "manifest.csv", index=False)
+    from featstack.extract import extract
+    summary = extract(data / "manifest.csv", backbones=["resnet50"], weights="random", image_size=64,
+                      features_dir=tmp_path / "features", progress=False)
+    run = run_stack(summary.paths.root, models_dir=tmp_path / "models", folds=2)
+    return {"data": data, "run": run}
+
+
+def test_reencoded_test_photo_in_train_is_found_as_leak(leaky):
+    folder = run_audit(leaky["run"], top=5)
+    assert sorted(p.name for p in folder.iterdir()) == AUDIT_FILES
+    pairs = pd.read_csv(AuditPaths(folder).duplicates_csv, dtype={"id_a": str, "id_b": str})
+    assert list(pairs.columns[:5]) == ["id_a", "id_b", "split_a", "split_b", "similarity"]
+    found = {(a, b): (s, e) for a, b, s, e in zip(pairs.id_a, pairs.id_b, pairs.similarity, pairs.exact)}
+    # Only the two planted pairs: the distinct real photos all stay below the threshold.
+    assert set(found) == {("train/dog.1000.jpg", "test/3.jpg"), ("train/cat.1000.jpg", "test/5.jpg")}
+    similarity, exact = found[("train/dog.1000.jpg", "test/3.jpg")]
+    assert similarity >= SIMILARITY and not exact  # found by the features, not by the file hash
+    assert found[("train/cat.1000.jpg", "test/5.jpg")][1]  # byte-identical
+    assert set(pairs.split_a) == {"train"} and set(pairs.split_b) == {"test"}
+    md = (folder / "audit.md").read_text()
+    assert "2 leak into test" in md and "![duplicates](duplicates.png)" in md
+    assert Image.open(folder / "duplicates.png").size[0] >= 800  # two pairs a row at a readable size
+
+
+def test_image_sizes_come_from_headers_without_decoding(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from conftest import photo
+    photo(3, (77, 41)).save(tmp_path / "a.jpg", quality=70)
+    photo(4, (33, 58)).save(tmp_path / "b.png")
+
+    def no_decoding(self):
+        raise AssertionError("pixels decoded")
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    paths = {"a": str(tmp_path / "a.jpg"), "b": str(tmp_path / "b.png"), "gone": str(tmp_path / "gone.jpg")}
+    sizes = header_sizes(np.array(["a", "b", "gone", "unlisted"], dtype=object), paths)
+    assert list(sizes.id) == ["a", "b", "gone"]
+    assert sizes.iloc[:2][["width", "height"]].to_numpy().tolist() == [[77, 41], [33, 58]]
+    assert sizes.iloc[2][["width", "height"]].isna().all()  # an unreadable header is counted, not raised
+
+
+def test_demo_run_audit_from_the_command_line(demo, tmp_path, capsys):
+    models = tmp_path / "models"
+    shutil.copytree(demo["run"], models / demo["run"].name)
+    audit_command.main(["--models-dir", str(models), "--top", "3"])  # default: the newest run
+    folder = models / demo["run"].name / "audit"
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [f for f in AUDIT_FILES if f != "duplicates.png"] or \
+        sorted(p.name for p in folder.iterdir()) == AUDIT_FILES
+    issues = pd.read_csv(folder / "label_issues.csv", dtype=str, keep_default_na=False)
+    assert issues.path.map(lambda p: p.startswith(str(demo["data"]))).all()
+    # A second audit replaces the first whole; no temporary folder is left behind.
+    audit_command.main(["--run", str(folder.parent), "--top", "1"])
+    assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--top", "0"], r"--top 0: must be at least 1"),
+    (["--threshold", "1.5"], r"--threshold 1.5: a cosine similarity above 0 and at most 1"),
+    (["--run", "NOWHERE"], r"--run NOWHERE: not a stack.py run folder \(no config.json\)"),
+])
+def test_audit_errors(flipped, args, match, capsys):
+    argv = ["--run", str(flipped["run"]), *args] if "--run" not in args else args
+    before = sorted(p.name for p in flipped["run"].rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        audit_command.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert re.search(match, err), err
+    assert sorted(p.name for p in flipped["run"].rglob("*")) == before  # nothing written
+
+
+def test_audit_without_runs_or_with_a_vanished_store(flipped, tmp_path):
+    with pytest.raises(FeatstackError, match=r"no runs in .*empty; run stack.py first"):
+        run_audit(models_dir=tmp_path / "empty")
+    run = RunPaths(shutil.copytree(flipped["run"], tmp_path / "moved"))
+    config = json.loads(run.config_json.read_text())
+    run.config_json.write_text(json.dumps({**config, "features_dir": str(tmp_path / "gone" / "sep")}))
+    with pytest.raises(FeatstackError, match=r"config.json: its feature store .*gone/sep no longer exists"):
+        run_audit(run.root)

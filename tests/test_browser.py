@@ -1,0 +1,101 @@
+"""The photo app in a real browser: headless Chromium, the page of a real `serve.py` on a free port, one upload.
+
+Skips where no Chromium (or Playwright) is installed, unless FEATSTACK_REQUIRE_BROWSER=1 (CI), where that fails.
+FEATSTACK_SCREENSHOT=docs/serve.png also saves the page's screenshot there (the README's picture).
+"""
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.fixture
+def chromium() -> str:
+    """The system Chromium's path; checked before the server starts, so a skip costs nothing."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        path, why = None, "playwright is not installed (pip install -r requirements-dev.txt)"
+    else:
+        why = "no Chromium on this machine (Debian: apt-get install chromium)"
+    if path is None:
+        if os.environ.get("FEATSTACK_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"FEATSTACK_REQUIRE_BROWSER=1 but {why}")
+        pytest.skip(why)
+    return path
+
+
+@pytest.fixture
+def server(chromium, demo, tmp_path):
+    """`python serve.py --port 0` on the demo run; yields the URL it prints."""
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--run", str(demo["run"]), "--port", "0"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        deadline = time.time() + 300
+        url = None
+        while url is None and time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            found = re.search(r"at (http://\S+/) ", line)
+            url = found and found.group(1)
+        if url is None:
+            proc.kill()
+            pytest.fail(f"serve.py printed no URL: {(tmp_path / 'serve.log').read_text()[-2000:]}")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def test_page_shows_predict_py_top_class_and_probability(chromium, demo, server, tmp_path):
+    from playwright.sync_api import sync_playwright
+    from featstack.commands.predict import main as predict_main
+
+    photo = sorted((demo["data"] / "test").glob("*.jpg"))[0]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        predict_main(["--json", "--run", str(demo["run"]), str(photo)])
+    [record] = json.loads(out.getvalue())
+    top = record["predictions"][0]
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page.goto(server)
+            page.set_input_files('[data-testid="file-input"]', str(photo))
+            page.wait_for_selector('[data-testid="prediction"]', timeout=120_000)
+            page.wait_for_function("document.querySelectorAll('[data-testid=example]').length === 0 || "
+                                   "[...document.querySelectorAll('[data-testid=example]')].every(i => i.complete)")
+            rows = page.query_selector_all('[data-testid="prediction"]')
+            shown = [(r.get_attribute("data-class"), float(r.get_attribute("data-probability")), r.inner_text())
+                     for r in rows]
+            header, banner = page.inner_text("header"), page.is_visible('[data-testid="random-weights-banner"]')
+            page.screenshot(path=str(tmp_path / "serve.png"))
+        finally:
+            browser.close()
+    if os.environ.get("FEATSTACK_SCREENSHOT"):
+        shutil.copy(tmp_path / "serve.png", Path(os.environ["FEATSTACK_SCREENSHOT"]))
+
+    assert len(shown) == 5
+    name, probability, text = shown[0]
+    assert name == top["class"] and abs(probability - top["probability"]) < 1e-5
+    assert name in text and f"{100 * top['probability']:.2f} %" in text
+    assert [s[1] for s in shown] == sorted((s[1] for s in shown), reverse=True)
+    report = json.loads((demo["run"] / "report.json").read_text())
+    assert f"holdout accuracy {report['holdout']['accuracy']:.4f}" in header and "Report" in header
+    assert banner  # the demo fixture's features come from random weights

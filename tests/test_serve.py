@@ -1,0 +1,261 @@
+"""serve.py: every endpoint, every bad input, micro-batching, the token, and answers equal to predict.py --json's."""
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import re
+import socket
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from featstack.predict import Predictor
+from featstack.serve import ServeConfig, create_app
+from conftest import ROOT, photo
+
+
+def predict_py_json(run, photos) -> dict[str, dict[str, float]]:
+    """What `predict.py --json --run RUN PHOTOS` prints, as {path: {class: probability}}."""
+    from featstack.commands.predict import main
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(["--json", "--run", str(run), *map(str, photos)])
+    return {r["path"]: {p["class"]: p["probability"] for p in r["predictions"]} for r in json.loads(out.getvalue())}
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A valid PNG that claims width x height pixels but holds one row: a decompression bomb's header, cheaply."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * (width + 1))) + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def photos(demo):
+    return sorted((demo["data"] / "test").glob("*.jpg"))[:4]
+
+
+@pytest.fixture(scope="module")
+def expected(demo, photos):
+    return predict_py_json(demo["run"], photos)
+
+
+@pytest.fixture(scope="module")
+def predictor(demo):
+    return Predictor(demo["run"])
+
+
+@pytest.fixture(scope="module")
+def client(predictor):
+    with TestClient(create_app(ServeConfig(max_upload_mb=1, max_megapixels=50), predictor)) as c:
+        yield c
+
+
+def files(*paths):
+    return [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in paths]
+
+
+def assert_equal_to(predictions, expected_probs):
+    probs = [p["probability"] for p in predictions]
+    assert [p["class"] for p in predictions] and len(predictions) == len(expected_probs)  # every class
+    assert probs == sorted(probs, reverse=True)  # most probable first
+    for p in predictions:
+        assert abs(p["probability"] - expected_probs[p["class"]]) < 1e-5
+
+
+def test_predict_equals_predict_py_json(client, demo, photos, expected):
+    r = client.post("/api/predict", files=files(*photos[:3]))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["run"] == demo["run"].name and len(body["results"]) == 3
+    for path, result in zip(photos, body["results"]):
+        assert result["filename"] == path.name and "image" not in result
+        assert_equal_to(result["predictions"], expected[str(path)])
+
+
+def test_concurrent_requests_are_batched_and_answered_exactly(predictor, photos, expected):
+    n = 12
+    app = create_app(ServeConfig(max_batch=8, max_wait_ms=500), predictor)
+    with TestClient(app) as c, ThreadPoolExecutor(n) as pool:
+        chosen = [photos[k % len(photos)] for k in range(n)]
+        responses = list(pool.map(lambda p: c.post("/api/predict", files=files(p)), chosen))
+        health = c.get("/api/health").json()
+    assert [r.status_code for r in responses] == [200] * n
+    for path, r in zip(chosen, responses):
+        assert_equal_to(r.json()["results"][0]["predictions"], expected[str(path)])
+    assert health["images"] == n
+    assert health["batches"] < n and 1 < health["largest_batch"] <= 8  # requests shared forward passes
+
+
+def test_preview_is_the_photo_as_decoded_with_exif_orientation(client, predictor, tmp_path):
+    path = tmp_path / "sideways.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned; viewers rotate 90 degrees
+    photo(7, size=(60, 30)).save(path, quality=95, exif=exif)
+    r = client.post("/api/predict?preview=true", files=files(path))
+    result = r.json()["results"][0]
+    assert result["image"].startswith("data:image/jpeg;base64,")
+    shown = Image.open(io.BytesIO(base64.b64decode(result["image"].split(",", 1)[1])))
+    assert shown.size == (30, 60)
+    [(_, proba, _)] = predictor.predict([str(path)])
+    assert_equal_to(result["predictions"], dict(zip(predictor.classes, proba)))
+
+
+JPEG = photo(3, size=(40, 40))
+_buffer = io.BytesIO()
+JPEG.save(_buffer, "JPEG")
+GOOD = _buffer.getvalue()
+
+BAD_UPLOADS = [  # (what, request keyword arguments, status, detail pattern)
+    ("not an image", dict(files=[("file", ("notes.jpg", b"hello, not a photo"))]), 422, r"notes\.jpg: .*not an image"),
+    ("empty", dict(files=[("file", ("empty.jpg", b""))]), 422, r"empty\.jpg: .*empty file"),
+    ("truncated", dict(files=[("file", ("cut.jpg", GOOD[: len(GOOD) // 2]))]), 422, r"cut\.jpg: .*truncated"),
+    ("bomb over our limit", dict(files=[("file", ("bomb.png", png_header_only(8_000, 8_000)))]), 422,
+     r"bomb\.png: .*8000 x 8000 pixels is more than the limit of 50,000,000"),
+    ("bomb over PIL's limit", dict(files=[("file", ("huge.png", png_header_only(30_000, 30_000)))]), 422,
+     r"huge\.png: .*too large"),
+    ("too large", dict(files=[("file", ("big.jpg", b"\xff" * (1024 * 1024 + 1)))]), 413,
+     r"larger than --max-upload-mb 1 MB"),
+    ("not multipart", dict(json={"file": "photo.jpg"}), 415, r"'application/json'.*multipart/form-data"),
+    ("no file field", dict(files=[("photo", ("a.jpg", GOOD))]), 422, r"^file: .*fields named file"),
+    ("broken multipart", dict(content=b"garbage", headers={"content-type": "multipart/form-data; boundary=x"}), 400,
+     r"could not be parsed"),
+]
+
+
+@pytest.mark.parametrize("what, request_kwargs, status, pattern", BAD_UPLOADS, ids=[c[0] for c in BAD_UPLOADS])
+def test_bad_input_is_one_line_of_json_and_the_server_goes_on(client, what, request_kwargs, status, pattern):
+    r = client.post("/api/predict", **request_kwargs)
+    assert r.status_code == status, r.text
+    assert "\n" not in r.text and list(r.json()) == ["detail"]
+    assert re.search(pattern, r.json()["detail"]), r.json()["detail"]
+    assert client.get("/api/health").json()["status"] == "ok"
+
+
+def test_one_bad_file_fails_only_its_own_result(client, photos, expected):
+    r = client.post("/api/predict", files=[*files(photos[0]), ("file", ("broken.jpg", b"\xff\xd8\xff junk")),
+                                           *files(photos[1])])
+    assert r.status_code == 200
+    good, bad, other = r.json()["results"]
+    assert bad["filename"] == "broken.jpg" and "cannot read this photo" in bad["error"] and "predictions" not in bad
+    assert_equal_to(good["predictions"], expected[str(photos[0])])
+    assert_equal_to(other["predictions"], expected[str(photos[1])])
+
+
+def test_streamed_body_over_the_limit_is_refused_before_it_is_all_read(client):
+    """A body without Content-Length is counted as it arrives: 413 after about --max-upload-mb, not at its end."""
+    app = client.app
+    chunk, chunks = b"x" * 65536, 64  # 4 MiB offered against a 1 MiB limit
+    read, sent = 0, []
+
+    async def receive():
+        nonlocal read
+        read += 1
+        if read == 1:
+            return {"type": "http.request", "body": b"--b\r\nContent-Disposition: form-data; name=\"file\"; "
+                                                    b"filename=\"big.jpg\"\r\n\r\n", "more_body": True}
+        return {"type": "http.request", "body": chunk, "more_body": read <= chunks}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/api/predict", "raw_path": b"/api/predict", "root_path": "", "query_string": b"",
+             "headers": [(b"content-type", b"multipart/form-data; boundary=b"), (b"transfer-encoding", b"chunked")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000), "state": {}}
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["status"] == 413
+    assert "--max-upload-mb" in json.loads(sent[1]["body"])["detail"]
+    assert read <= 1 + 1024 * 1024 // len(chunk) + 1  # stopped reading at the limit
+
+
+def test_health_classes_run_report_and_confusion(client, demo, predictor):
+    health = client.get("/api/health").json()
+    assert health["status"] == "ok" and health["run"] == demo["run"].name
+    assert health["classes"] == len(predictor.classes) and health["backbones"] == ["resnet50", "vgg16"]
+    classes = client.get("/api/classes").json()
+    assert [c["class"] for c in classes["classes"]] == list(predictor.classes)
+    report = json.loads((demo["run"] / "report.json").read_text())
+    run = client.get("/api/run").json()
+    assert run["random_weights"] is True  # the demo fixture's features come from random weights
+    assert run["holdout"]["accuracy"] == report["holdout"]["accuracy"]
+    assert run["holdout"]["log_loss"] == report["holdout"]["log_loss"]
+    html = client.get(run["report"])
+    assert html.status_code == 200 and html.headers["content-type"].startswith("text/html")
+    assert "<table>" in html.text and f"{report['holdout']['log_loss']:.4f}" in html.text
+    assert 'src="data:image/png;base64,' in html.text  # the confusion matrix travels inside the page
+    png = client.get(run["confusion"])
+    assert png.status_code == 200 and png.content.startswith(b"\x89PNG")
+
+
+def test_example_photos_are_served_by_dataset_id_only(client, demo):
+    split = pd.read_csv(demo["features"] / "split.csv", dtype=str, keep_default_na=False)
+    label_of_train = dict(zip(split.loc[split.split == "train", "id"], split.loc[split.split == "train", "label"]))
+    classes = client.get("/api/classes").json()["classes"]
+    for c in classes:
+        assert len(c["examples"]) == 3 and all(label_of_train[i] == c["class"] for i in c["examples"])
+    r = client.get(f"/api/examples/{classes[0]['examples'][0]}")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(r.content)).size == Image.open(
+        demo["data"] / "train" / f"{classes[0]['examples'][0]}.jpg").size
+    test_id = split.loc[split.split == "test", "id"].iloc[0]
+    for wrong in (test_id, "../../etc/passwd", "%2Fetc%2Fpasswd", str(demo["data"] / "train" / f"{test_id}.jpg")):
+        r = client.get(f"/api/examples/{wrong}")
+        assert r.status_code == 404 and list(r.json()) == ["detail"]
+
+
+def test_page_docs_and_no_server_path_in_any_response(client, demo, photos):
+    page = client.get("/")
+    assert page.status_code == 200 and 'data-testid="file-input"' in page.text and "/static/app.js" in page.text
+    for name in ("index.html", "app.js", "app.css"):  # works offline: nothing from another host
+        assert not re.search(r"(?:https?:)?//[a-z]", (ROOT / "featstack" / "static" / name).read_text())
+    assert 'dataset.testid = "prediction"' in client.get("/static/app.js").text
+    assert client.get("/docs").status_code == 200
+    schema = client.get("/openapi.json").json()
+    assert {"/api/predict", "/api/health", "/api/classes"} <= set(schema["paths"])
+    bodies = [page.text, client.get("/openapi.json").text, client.get("/api/health").text,
+              client.get("/api/classes").text, client.get("/api/run").text, client.get("/api/report").text,
+              client.post("/api/predict", files=files(photos[0])).text,
+              client.post("/api/predict", files=[("file", ("x.jpg", b"nope"))]).text,
+              client.get("/api/examples/nope").text, client.get("/nope").text]
+    for secret in {str(demo["base"]), str(ROOT), str(demo["base"].resolve()), str(ROOT.resolve())}:
+        assert not any(secret in b for b in bodies)
+
+
+def test_token_guards_the_api(predictor, photos):
+    app = create_app(ServeConfig(token="s3cret"), predictor)
+    with TestClient(app) as c:
+        assert c.get("/api/health").status_code == 200  # liveness stays open
+        assert c.get("/").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            r = c.post("/api/predict", files=files(photos[0]), headers=headers)
+            assert r.status_code == 401 and "Authorization: Bearer" in r.json()["detail"]
+            assert c.get("/api/classes", headers=headers).status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert c.post("/api/predict", files=files(photos[0]), headers=ok).status_code == 200
+        assert c.get("/api/classes", headers=ok).status_code == 200
+
+
+def test_command_reads_token_from_the_environment_and_refuses_a_busy_port(monkeypatch, demo, capsys):
+    import featstack.serve
+    from featstack.commands.serve import main
+    seen = {}
+    monkeypatch.setattr(featstack.serve, "serve", lambda config, host, port: seen.update(config=config, host=host))
+    monkeypatch.setenv("FEATSTACK_TOKEN", "from-env")
+    main(["--run", str(demo["run"])])
+    assert seen["config"].token == "from-env" and seen["host"] == "127.0.0.1"
+    monkeypatch.undo()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--run", str(demo["run"]), "--port", str(busy.getsockname()[1])])
+    assert exit_info.value.code == 2
+    assert re.search(r"error: --host 127\.0\.0\.1 --port \d+: cannot listen there", capsys.readouterr().err)
