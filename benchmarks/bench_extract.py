@@ -81,6 +81,7 @@ def main():
     stages = set(a.stages.split(","))
 
     import keras
+
     from featstack import backbones as bb
     from featstack.extract import auto_batch_size, decoded_batches
 
@@ -144,13 +145,14 @@ def main():
 
         if "notebook" in stages:
             t_all = 0.0
-            for name, b in zip(names, resolved):
+            for _name, b in zip(names, resolved):
                 app = getattr(keras.applications, b.spec.constructor)
                 model = app(include_top=False, weights=None, pooling="avg", input_shape=(b.input_size, b.input_size, 3))
                 module = sys.modules[app.__module__]
                 model.predict(np.zeros((1, b.input_size, b.input_size, 3), np.float32), verbose=0)
                 t0 = time.perf_counter()
-                x = np.array([keras.utils.img_to_array(keras.utils.load_img(q, target_size=(b.input_size, b.input_size)))
+                x = np.array([keras.utils.img_to_array(
+                                  keras.utils.load_img(q, target_size=(b.input_size, b.input_size)))
                               for q in paths])
                 model.predict(module.preprocess_input(x), batch_size=32, verbose=0)
                 t_all += time.perf_counter() - t0

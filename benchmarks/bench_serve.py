@@ -40,8 +40,8 @@ def make_run(work: Path, backbones: list[str], image_size: int | None, per_class
         data = write_demo(work / "data")
         photos = sorted((data / "test").glob("*.jpg"))
         source = "demo digit photos (../shared/data absent)"
-    summary = extract(data, backbones=backbones, weights="random", image_size=image_size, features_dir=work / "features",
-                      batch_size=32, progress=False)
+    summary = extract(data, backbones=backbones, weights="random", image_size=image_size,
+                      features_dir=work / "features", batch_size=32, progress=False)
     run = run_stack(summary.paths.root, model="logreg", models_dir=work / "models", folds=3)
     return run, photos, source
 
@@ -128,7 +128,8 @@ def main():
     reference = max(before, after)  # the stricter comparison on a drifting machine
     most = max(served)
     results = {**header(), "photos": a.n, "source": source, "backbones": a.backbones, "image_size": a.image_size,
-               "max_batch": a.max_batch, "predict_loop_photos_per_s": {"before": round(before, 3), "after": round(after, 3)},
+               "max_batch": a.max_batch,
+               "predict_loop_photos_per_s": {"before": round(before, 3), "after": round(after, 3)},
                "serve_photos_per_s": {str(c): round(v, 3) for c, v in served.items()},
                "ratio_at_most_clients": round(served[most] / reference, 3), "server_batches": health["batches"],
                "server_images": health["images"], "largest_batch": health["largest_batch"]}

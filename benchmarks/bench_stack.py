@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import header, write_json  # noqa: E402
+
 from featstack.features import load_features  # noqa: E402
 from featstack.stack import run_stack  # noqa: E402
 from featstack.synthetic import write_synthetic_store  # noqa: E402

@@ -4,9 +4,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -47,7 +47,8 @@ REGISTRY: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec("ResNet50", 224, "caffe", 2048, _notop("resnet50")),
     "vgg16": BackboneSpec("VGG16", 224, "caffe", 512, _notop("vgg16")),
     "mobilenet_v2": BackboneSpec("MobileNetV2", 224, "tf", 1280, _mobilenet_v2_file),
-    "inception_resnet_v2": BackboneSpec("InceptionResNetV2", 299, "tf", 1536, _notop("inception_resnet_v2"), min_size=75),
+    "inception_resnet_v2": BackboneSpec("InceptionResNetV2", 299, "tf", 1536, _notop("inception_resnet_v2"),
+                                        min_size=75),
     "efficientnet_b0": BackboneSpec("EfficientNetB0", 224, "none", 1280, lambda size: "efficientnetb0_notop.h5"),
 }
 DEFAULT_BACKBONES = ("xception", "inception_v3", "resnet50", "vgg16")
@@ -172,22 +173,26 @@ class Backbone:
             cause = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
             raise FeatstackError(
                 f"--weights {Path(self.weights_file).parent}: {Path(self.weights_file).name} cannot be loaded for "
-                f"{self.name} ({cause}); it is damaged or truncated: put an intact copy of Keras's file there") from None
+                f"{self.name} ({cause}); it is damaged or truncated: put an intact copy of Keras's file there"
+            ) from None
 
     def _load_model_file(self):
         import keras
         try:
             full = keras.models.load_model(self.model_path, compile=False)
         except Exception as exc:
-            raise FeatstackError(f"backbone {self.model_path}: cannot load it as a Keras model ({str(exc)[:200]})") from None
+            raise FeatstackError(f"backbone {self.model_path}: cannot load it as a Keras model "
+                                 f"({str(exc)[:200]})") from None
         if self.layer:
             try:
                 layer = full.get_layer(self.layer)
             except ValueError:
                 names = ", ".join(l.name for l in full.layers[-8:])
-                raise FeatstackError(f"backbone {self.model_path}: no layer {self.layer!r}; last layers: {names}") from None
+                raise FeatstackError(f"backbone {self.model_path}: no layer {self.layer!r}; "
+                                     f"last layers: {names}") from None
         else:
-            pools = [l for l in full.layers if type(l).__name__.startswith(("GlobalAveragePooling", "GlobalMaxPooling"))]
+            pools = [l for l in full.layers
+                     if type(l).__name__.startswith(("GlobalAveragePooling", "GlobalMaxPooling"))]
             if not pools:
                 raise FeatstackError(f"backbone {self.model_path}: no global-pooling layer; name the feature layer "
                                      "as PATH:LAYER_NAME")

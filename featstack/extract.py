@@ -4,10 +4,10 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -83,7 +83,8 @@ def decoded_batches(ids: list[str], paths: list[str], sizes: tuple[int, ...], ba
             yield batch_ids, batch_paths, arrays, errors
 
 
-def run_jobs(jobs: list[Job], table: pd.DataFrame, *, batch_size: int, threads: int, progress: bool = True) -> pd.DataFrame:
+def run_jobs(jobs: list[Job], table: pd.DataFrame, *, batch_size: int, threads: int,
+             progress: bool = True) -> pd.DataFrame:
     """The local engine: only loops reader -> backbones -> writers. Returns the images that failed to decode."""
     needed = set().union(*(j.todo for j in jobs)) if jobs else set()
     todo = table[table["id"].isin(needed)]
@@ -180,7 +181,8 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
         jobs = plan_jobs(paths, resolved, ids, shard_rows)
         known_bad = still_bad(paths, jobs, table)
         if demo and weights == "imagenet":
-            jobs = _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, pooling, tta, precision, seed)
+            jobs = _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, pooling, tta,
+                                           precision, seed)
             known_bad = still_bad(paths, jobs, table)
         if engine == "local":
             for job in jobs:

@@ -88,8 +88,8 @@ def _choose(paths: DatasetPaths, names: list[str] | None) -> dict[str, Path]:
         if not files:
             raise FeatstackError(f"--backbones: {name!r} is not cached in {paths.root}; cached: {listing}")
         if len(files) > 1:
-            raise FeatstackError(f"--backbones: {name!r} is cached in {len(files)} configurations; name one by its file "
-                                 f"stem: {', '.join(p.stem for p in files)}")
+            raise FeatstackError(f"--backbones: {name!r} is cached in {len(files)} configurations; "
+                                 f"name one by its file stem: {', '.join(p.stem for p in files)}")
         backbone = next(b for b, ps in cached.items() if files[0] in ps)
         chosen[backbone] = files[0]
     return chosen

@@ -15,7 +15,8 @@ from .errors import FeatstackError
 
 HINTS = [
     (("403", "Forbidden"), "accept the competition's rules on its Kaggle page (Join Competition), then submit again"),
-    (("404", "Not Found"), "check the competition slug: the part after kaggle.com/competitions/, e.g. dog-breed-identification"),
+    (("404", "Not Found"), "check the competition slug: the part after kaggle.com/competitions/, "
+                           "e.g. dog-breed-identification"),
     (("401", "Unauthorized"), "your API key is wrong or expired: create a new token at kaggle.com/settings"),
     (("Max retries", "NewConnectionError", "Name or service not known", "Temporary failure in name resolution",
       "Connection refused", "ConnectionError", "timed out"),

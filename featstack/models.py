@@ -42,7 +42,7 @@ def parse_C(value) -> float | str:
 
 
 def logreg(seed: int = 0, C: float = LOGREG_C, tol: float = LOGREG_TOL):
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, tol=tol, max_iter=LOGREG_MAX_ITER, random_state=seed))
+    return make_pipeline(StandardScaler(), _lr(seed, C, tol))
 
 
 def _folds(folds: int, seed: int):
@@ -239,10 +239,11 @@ class Blend(_PerBackbone):
         return self
 
     def cv_predict_proba(self, y):
-        """The blend's own CV: weights fitted inside each fold on the other folds' OOF rows (equal weights need none)."""
+        """The blend's own CV: weights fitted inside each fold on the other folds' OOF rows (equal ones need none)."""
         if self.weights != "optimise":
             return blend(self.oof_level1_, self.weights_)
-        oof, self.fold_weights_ = blend_oof(self.oof_level1_, y, _folds(self.folds, self.seed).split(self.oof_level1_[0], y))
+        splits = _folds(self.folds, self.seed).split(self.oof_level1_[0], y)
+        oof, self.fold_weights_ = blend_oof(self.oof_level1_, y, splits)
         return oof
 
     def predict_proba(self, X):

@@ -19,7 +19,7 @@ class DatasetPaths:
     root: Path
 
     @classmethod
-    def of(cls, features_dir: str | Path, name: str) -> "DatasetPaths":
+    def of(cls, features_dir: str | Path, name: str) -> DatasetPaths:
         return cls(Path(features_dir) / name)
 
     @property

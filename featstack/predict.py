@@ -29,7 +29,8 @@ def check_weights(b: Backbone, attrs: dict) -> None:
     if b.weights == "random":
         if attrs.get("keras_backend") != keras.backend.backend():
             raise FeatstackError(f"{b.name}: the run used random weights drawn by the {attrs.get('keras_backend')} "
-                                 f"backend; this is {keras.backend.backend()}. Set KERAS_BACKEND={attrs.get('keras_backend')}")
+                                 f"backend; this is {keras.backend.backend()}. "
+                                 f"Set KERAS_BACKEND={attrs.get('keras_backend')}")
         return
     path = Path(b.weights_file) if b.weights != "imagenet" else keras_cache_dir() / Path(b.weights_file).name
     if not path.is_file():

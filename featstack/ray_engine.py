@@ -121,7 +121,8 @@ def run_jobs_ray(jobs, table: pd.DataFrame, *, batch_size: int, address: str | N
         b.model = None
     ds = ray.data.from_items(todo[["id", "path"]].to_dict("records"))
     ds = ds.map_batches(DecodeBatch, fn_constructor_kwargs={"sizes": sizes}, batch_size=batch_size,
-                        num_cpus=decode_cpus, batch_format="numpy", concurrency=(1, max(1, int(resources.get("CPU", 1)))))
+                        num_cpus=decode_cpus, batch_format="numpy",
+                        concurrency=(1, max(1, int(resources.get("CPU", 1)))))
     ds = ds.map_batches(ExtractActor, fn_constructor_kwargs={"backbones": shipped, "todo": [j.todo for j in jobs]},
                         batch_size=batch_size, batch_format="numpy", concurrency=actors,
                         num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1)

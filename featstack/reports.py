@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import (accuracy_score, classification_report, confusion_matrix, precision_recall_fscore_support,
-                             top_k_accuracy_score)
+from sklearn.metrics import (
+    accuracy_score,
+    classification_report,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    top_k_accuracy_score,
+)
 
 EPS = 1e-15
 RANDOM_WEIGHTS_NOTE = ("note: these features come from RANDOM weights (weights=random: a smoke test or the offline "
@@ -103,20 +108,25 @@ def markdown(report: dict) -> str:
                   "training class frequencies.", ""]
     excluded = report.get("excluded")
     if excluded:
-        lines += [f"{excluded['train_rows']} training rows were left out (`--exclude {excluded['file']}`); holdout rows "
-                  "are never excluded.", ""]
+        lines += [f"{excluded['train_rows']} training rows were left out (`--exclude {excluded['file']}`); "
+                  "holdout rows are never excluded.", ""]
     lines += ["| scored on | log loss | accuracy | top-5 accuracy |", "|---|---|---|---|",
-              f"| {report['folds']}-fold CV (train) | {cv['log_loss']:.4f} | {cv['accuracy']:.4f} | {cv['top5_accuracy']:.4f} |"]
+              f"| {report['folds']}-fold CV (train) | {cv['log_loss']:.4f} | {cv['accuracy']:.4f} "
+              f"| {cv['top5_accuracy']:.4f} |"]
     if ho:
         lines.append(f"| holdout | {ho['log_loss']:.4f} | {ho['accuracy']:.4f} | {ho['top5_accuracy']:.4f} |")
-        lines += ["", "## Holdout averages", "", "| average | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        lines += ["", "## Holdout averages", "", "| average | precision | recall | F1 | support |",
+                  "|---|---|---|---|---|"]
         for name, a in ho["averages"].items():
-            lines.append(f"| {name} | {a['precision']:.4f} | {a['recall']:.4f} | {a['f1-score']:.4f} | {int(a['support'])} |")
+            lines.append(f"| {name} | {a['precision']:.4f} | {a['recall']:.4f} | {a['f1-score']:.4f} "
+                         f"| {int(a['support'])} |")
         lines += ["", "## Most confused pairs (holdout)", ""]
         lines += [f"- {p['text']}" for p in ho["most_confused"]] or ["- none"]
-        lines += ["", "## Per class (holdout)", "", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+        lines += ["", "## Per class (holdout)", "", "| class | precision | recall | F1 | support |",
+                  "|---|---|---|---|---|"]
         for c, a in ho["per_class"].items():
-            lines.append(f"| {c} | {a['precision']:.3f} | {a['recall']:.3f} | {a['f1-score']:.3f} | {int(a['support'])} |")
+            lines.append(f"| {c} | {a['precision']:.3f} | {a['recall']:.3f} | {a['f1-score']:.3f} "
+                         f"| {int(a['support'])} |")
         lines += ["", "![confusion matrix](confusion.png)"]
     else:
         lines += ["", "No holdout rows (the split was made with --holdout 0): CV scores only."]

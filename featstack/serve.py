@@ -1,4 +1,5 @@
-"""The photo app: a web page and a JSON API that answer photos through a run's Predictor, batching concurrent requests."""
+"""The photo app: a web page and a JSON API that answer photos through a run's Predictor, \
+batching concurrent requests."""
 from __future__ import annotations
 
 import asyncio
@@ -189,15 +190,17 @@ class Gate:
         headers = Headers(scope=scope)
         if self.config.token and scope["path"] != "/api/health":
             scheme, _, given = headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.config.token.encode()):
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                     self.config.token.encode()):
                 response = _error(401, "this server needs its token: send the header Authorization: Bearer <token> "
-                                  "(the --token or FEATSTACK_TOKEN it was started with)", {"WWW-Authenticate": "Bearer"})
+                                  "(the --token or FEATSTACK_TOKEN it was started with)",
+                                  {"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
         if scope["method"] == "POST" and scope["path"] == "/api/predict":
             content_type = headers.get("content-type", "")
             if not content_type.lower().startswith("multipart/form-data"):
-                response = _error(415, f"content type {content_type or 'none'!r}: send the photos as multipart/form-data "
-                                  "with one field named file per photo (curl -F file=@photo.jpg)")
+                response = _error(415, f"content type {content_type or 'none'!r}: send the photos as "
+                                  "multipart/form-data with one field named file per photo (curl -F file=@photo.jpg)")
                 return await response(scope, receive, send)
             length = headers.get("content-length", "")
             if length.isdigit() and int(length) > self.config.max_body:
@@ -248,13 +251,15 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
         for e in exc.errors():
             where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query"))
             problems.append(f"{where}: {e.get('msg', 'invalid')}")
-        hint = " (send one or more photos as multipart fields named file)" if any(p.startswith("file") for p in problems) else ""
+        hint = (" (send one or more photos as multipart fields named file)"
+                if any(p.startswith("file") for p in problems) else "")
         return _error(422, "; ".join(problems) + hint)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
         traceback.print_exception(exc)
-        return _error(500, f"internal error ({type(exc).__name__}); the server goes on; the server's log has the details")
+        return _error(500, f"internal error ({type(exc).__name__}); the server goes on; "
+                           "the server's log has the details")
 
     def prepare(data: bytes, preview: bool):
         img = decode_bytes(data, config.max_pixels)
@@ -298,8 +303,9 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
 
     @app.get("/api/health", summary="Is the server up, and with which run?")
     async def health():
-        return {"status": "ok", "run": run.run_id, "classes": len(classes), "backbones": list(predictor.config["backbones"]),
-                "batches": batcher.batches, "images": batcher.images, "largest_batch": batcher.largest}
+        return {"status": "ok", "run": run.run_id, "classes": len(classes),
+                "backbones": list(predictor.config["backbones"]), "batches": batcher.batches,
+                "images": batcher.images, "largest_batch": batcher.largest}
 
     @app.get("/api/classes", summary="The run's classes, with example training ids of each")
     async def class_list():

@@ -134,7 +134,8 @@ def _write_run(run: RunPaths, estimator, config, report, fs, classes, train, hol
         joblib.dump({"estimator": estimator, "classes": classes, "backbones": list(fs.blocks)}, tmp.model_joblib)
         tmp.config_json.write_text(json.dumps(config, indent=2, default=str))
         reports.predictions_frame(fs.ids[train], oof, classes, fs.labels[train]).to_csv(tmp.oof_csv, index=False)
-        reports.predictions_frame(fs.ids[holdout], ho_proba, classes, fs.labels[holdout]).to_csv(tmp.holdout_csv, index=False)
+        reports.predictions_frame(fs.ids[holdout], ho_proba, classes, fs.labels[holdout]).to_csv(tmp.holdout_csv,
+                                                                                                  index=False)
         reports.predictions_frame(test_ids, test_proba, classes).to_csv(tmp.test_csv, index=False)
         tmp.report_json.write_text(json.dumps(report, indent=2))
         tmp.report_md.write_text(reports.markdown(report))

@@ -7,6 +7,7 @@ from featstack import backbones as bb
 from featstack.errors import FeatstackError
 from featstack.extract import extract
 from featstack.store import read_entry
+
 from conftest import make_weights_dir
 
 SIZE = 75
@@ -49,8 +50,9 @@ def test_imagenet_unavailable_names_file_and_places(monkeypatch):
         raise Exception("URL fetch failure: [Errno -2] Name or service not known")
     monkeypatch.setattr(keras.src.utils.file_utils, "urlretrieve", offline)
     b = bb.resolve(["vgg16"], weights="imagenet", image_size=SIZE)[0]
-    with pytest.raises(FeatstackError, match=r"vgg16_weights_tf_dim_ordering_tf_kernels_notop\.h5 in .*keras_home/models "
-                                             r"\(Keras's cache\) or in a folder passed with --weights DIR"):
+    with pytest.raises(FeatstackError,
+                       match=r"vgg16_weights_tf_dim_ordering_tf_kernels_notop\.h5 in .*keras_home/models "
+                             r"\(Keras's cache\) or in a folder passed with --weights DIR"):
         b.build()
 
 
@@ -72,7 +74,8 @@ def test_reference_semantics_all_four_backbones(tmp_path, cats_dogs):
     summary = extract(cats_dogs, backbones=names, weights=str(wdir), image_size=SIZE,
                       features_dir=tmp_path / "features", batch_size=5, progress=False)
     table = pd.read_csv(summary.paths.split_csv, dtype=str)
-    paths = {i: str(cats_dogs / ("test1" if s == "test" else "train") / f"{i}.jpg") for i, s in zip(table.id, table.split)}
+    paths = {i: str(cats_dogs / ("test1" if s == "test" else "train") / f"{i}.jpg")
+             for i, s in zip(table.id, table.split)}
     for job in summary.jobs:
         entry = read_entry(job.writer.final)
         assert entry.attrs["weights"] == "dir" and len(entry.attrs["weights_sha256"]) == 64

@@ -19,9 +19,9 @@ import pytest
 from conftest import ROOT
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def chromium() -> str:
-    """The system Chromium's path; checked before the server starts, so a skip costs nothing."""
+    """The system Chromium's path; session-scoped so that it is checked before the session's demo run is built."""
     path = shutil.which("chromium") or shutil.which("chromium-browser")
     try:
         import playwright.sync_api  # noqa: F401
@@ -63,6 +63,7 @@ def server(chromium, demo, tmp_path):
 
 def test_page_shows_predict_py_top_class_and_probability(chromium, demo, server, tmp_path):
     from playwright.sync_api import sync_playwright
+
     from featstack.commands.predict import main as predict_main
 
     photo = sorted((demo["data"] / "test").glob("*.jpg"))[0]

@@ -14,6 +14,7 @@ from featstack.errors import FeatstackError
 from featstack.extract import extract
 from featstack.paths import DatasetPaths
 from featstack.store import read_entry
+
 from conftest import ROOT, write_images
 
 FAST = dict(backbones=["resnet50"], weights="random", image_size=75, progress=False)
@@ -67,7 +68,8 @@ def test_incremental_append_keeps_split(tmp_path, cats_dogs):
     assert split_after.iloc[:16].equals(split_before)
     fresh = extract(cats_dogs, features_dir=tmp_path / "fresh", **FAST)
     order = {i: k for k, i in enumerate(entry_of(fresh).ids)}
-    np.testing.assert_allclose(entry.features, entry_of(fresh).features[[order[i] for i in entry.ids]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(entry.features, entry_of(fresh).features[[order[i] for i in entry.ids]],
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_other_split_is_refused(tmp_path, cats_dogs):

@@ -1,4 +1,5 @@
 """The installable package: the wheel's contents, the `featstack` command installed in a venv, and quiet output."""
+import importlib
 import os
 import re
 import shutil
@@ -109,3 +110,24 @@ def test_cached_rerun_prints_no_library_lines_unless_verbose(demo):
     proc = _extract_cli(demo, "--verbose", "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert LIBRARY_NOISE.search(proc.stdout + proc.stderr)  # --verbose lets them through: the check above can fail
+
+
+# Options without which a command cannot run, and what the help says about them.
+REQUIRED = {"extract": ("--data", "required unless --demo"), "stack": ("--features", "required unless --list")}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_marks_required_options_ends_with_examples_and_agrees_with_readme(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        importlib.import_module(COMMANDS[command]).main(["--help"], prog=f"featstack {command}")
+    assert exited.value.code == 0
+    options_part, examples_part = capsys.readouterr().out.split("\nexamples:\n")
+    examples = [line for line in examples_part.splitlines() if line.startswith(f"  featstack {command}")]
+    assert 2 <= len(examples) <= 3
+    if command in REQUIRED:
+        option, mark = REQUIRED[command]
+        assert re.search(rf"^  {option} \S+\s+{mark}", options_part, re.MULTILINE)
+    readme = (ROOT / "README.md").read_text()
+    options = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", options_part)) - {"--help"}
+    undocumented = sorted(o for o in options if not re.search(rf"`[^`\n]*{o}(?![\w-])", readme))
+    assert not undocumented, f"featstack {command}: options missing from README.md: {undocumented}"

@@ -11,6 +11,7 @@ from featstack.errors import FeatstackError
 from featstack.extract import extract
 from featstack.predict import Predictor
 from featstack.stack import run_stack
+
 from conftest import ROOT, make_weights_dir
 
 
@@ -64,8 +65,11 @@ def test_refuses_other_weights(tmp_path, cats_dogs):
     file = next(weights.iterdir())
     make_weights_dir(tmp_path / "other", ["vgg16", "resnet50"], 32)  # other seeds, same canonical names
     file.write_bytes((tmp_path / "other" / file.name).read_bytes())
-    with pytest.raises(FeatstackError, match=r"resnet50: .* has sha256 .* but the run was trained on weights with sha256"):
+    with pytest.raises(FeatstackError,
+                       match=r"resnet50: .* has sha256 .* but the run was trained on weights with sha256"):
         Predictor(run)
     file.unlink()
-    with pytest.raises(FeatstackError, match=r"resnet50: weights file resnet50_weights_tf_dim_ordering_tf_kernels_notop\.h5 is missing"):
+    with pytest.raises(FeatstackError,
+                       match=r"resnet50: weights file resnet50_weights_tf_dim_ordering_tf_kernels_notop\.h5 "
+                             r"is missing"):
         Predictor(run)

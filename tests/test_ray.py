@@ -12,6 +12,7 @@ from featstack.errors import FeatstackError
 from featstack.extract import extract
 from featstack.paths import DatasetPaths
 from featstack.store import read_entry
+
 from conftest import ROOT, write_images
 
 ray = pytest.importorskip("ray", reason='Ray is an optional extra: pip install "ray[data]"')

@@ -17,6 +17,7 @@ from PIL import Image
 
 from featstack.predict import Predictor
 from featstack.serve import ServeConfig, create_app
+
 from conftest import ROOT, photo
 
 

@@ -40,7 +40,8 @@ def test_every_model_end_to_end(tmp_path, store, model, level2):
     oof = pd.read_csv(run.oof_csv, dtype={"id": str})
     assert sorted(oof.id) == sorted(split.id[split.split == "train"])
     config = json.loads(run.config_json.read_text())
-    assert config["backbones"] == ["resnet50", "vgg16"] and config["folds"] == 5 and "scikit-learn" in config["versions"]
+    assert (config["backbones"] == ["resnet50", "vgg16"] and config["folds"] == 5
+            and "scikit-learn" in config["versions"])
 
 
 def test_report_equals_sklearn_on_saved_predictions(tmp_path, store):
@@ -110,7 +111,8 @@ def _no_labels(store):
     (_truncate, {}, r"resnet50_synthetic\.h5: damaged or unreadable feature file .*extract_features\.py"),
     (_few_in_class, {}, r"class 'class_000' has 3 training rows, fewer than --folds 5"),
     (_no_labels, {}, r"no labelled training rows"),
-    (None, {"backbones": ["xception"]}, r"'xception' is not cached in .*; cached: resnet50 \(resnet50_synthetic\), vgg16"),
+    (None, {"backbones": ["xception"]},
+     r"'xception' is not cached in .*; cached: resnet50 \(resnet50_synthetic\), vgg16"),
     (None, {"model": "svm"}, r"--model svm: choose one of logreg, lgbm, stack, avg"),
 ])
 def test_bad_input(tmp_path, store, mutate, kwargs, match):

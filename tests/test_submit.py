@@ -106,7 +106,8 @@ def test_validation_failures(frame, match):
 
 def test_invalid_run_writes_nothing(tmp_path):
     run = make_run(tmp_path / "run", ["a", "b"], ["x", "y"], "folders")
-    pd.DataFrame({"id": ["a", "b"], "x": [0.5, np.nan], "y": [0.5, 0.5]}).to_csv(run / "test_predictions.csv", index=False)
+    pd.DataFrame({"id": ["a", "b"], "x": [0.5, np.nan], "y": [0.5, 0.5]}).to_csv(run / "test_predictions.csv",
+                                                                                  index=False)
     with pytest.raises(FeatstackError, match="finite"):
         submit(run, submissions_dir=tmp_path / "subs")
     assert not (tmp_path / "subs").exists() or not list((tmp_path / "subs").iterdir())
@@ -132,7 +133,8 @@ def fake_kaggle(tmp_path, monkeypatch):
     script.write_text(f"""#!{sys.executable}
 import json, os, sys
 with open({str(record)!r}, "a") as f:
-    f.write(json.dumps({{"argv": sys.argv[1:], "env": {{k: v for k, v in os.environ.items() if k.startswith("KAGGLE")}}}}) + "\\n")
+    f.write(json.dumps({{"argv": sys.argv[1:], \
+"env": {{k: v for k, v in os.environ.items() if k.startswith("KAGGLE")}}}}) + "\\n")
 mode = os.environ.get("FAKE_KAGGLE_MODE", "ok")
 if mode == "403":
     print("403 - Forbidden - You must accept this competition's rules before you'll be able to submit.")

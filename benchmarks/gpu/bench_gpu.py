@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""GPU extraction benchmark (issue #15): dog-breed-sized JPEGs, decode and model ceilings, featstack end to end, timm side by side.
+"""GPU extraction benchmark (issue #15): dog-breed-sized JPEGs, decode and model ceilings, featstack end to end, \
+timm side by side.
 
 `bench_gpu.py all` runs every stage in its own process (JAX and PyTorch never share the GPU) under one deadline,
 writes everything measured so far to OUT/gpu_bench.json after each stage, and prints a table. The stages:
@@ -166,6 +167,7 @@ def _decode_count(job: tuple[list[str], tuple[int, ...]]) -> int:
 
 def stage_decode(a) -> dict:
     from concurrent.futures import ProcessPoolExecutor
+
     from featstack.extract import decoded_batches
     ids, paths = dataset(a.data)
     sizes = sizes_of(a.backbones, a.image_size)
@@ -186,6 +188,7 @@ def stage_decode(a) -> dict:
 # --------------------------------------------------------------------------------------------------- (b) models
 def stage_models(a) -> dict:
     import keras
+
     from featstack import backbones as bb
     from featstack.extract import decoded_batches
     counts = jax_compiles() if keras.backend.backend() == "jax" else None
@@ -238,6 +241,7 @@ def stage_models(a) -> dict:
 def _device_ceiling(b, images: np.ndarray, batch: int, m: int) -> dict:
     """The GPU alone: one preprocessed batch already on the device, a jitted stateless forward pass, repeated."""
     import jax
+
     from featstack.backbones import preprocess
     reference = b.features(images[:batch])  # before the values are read: Keras's predict step donates its state
     model = b.model
@@ -277,10 +281,11 @@ def _device_ceiling(b, images: np.ndarray, batch: int, m: int) -> dict:
 # --------------------------------------------------------------------------------------------------- (d) timm
 def stage_timm(a) -> dict:
     t_start = time.perf_counter()
-    import torch
     import timm
-    from featstack.extract import decoded_batches
+    import torch
+
     from featstack.backbones import REGISTRY
+    from featstack.extract import decoded_batches
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     batch = int(a.batch_size) if a.batch_size != "auto" else (128 if cuda else 32)
@@ -439,7 +444,8 @@ class Runner:
         code = os.waitstatus_to_exitcode(status)
         record.update(wall_s=time.perf_counter() - t0, returncode=code, peak_rss_mib=usage.ru_maxrss / 1024)
         if code:
-            record["error"] = ("killed at the stage's time limit" if code == -9 else "failed") + ": " + " | ".join(tail[-3:])
+            record["error"] = (("killed at the stage's time limit" if code == -9 else "failed") + ": "
+                               + " | ".join(tail[-3:]))
         else:
             record["ok"] = True
         self.save()
@@ -577,10 +583,12 @@ def table(res: dict) -> str:
     if per:
         cols = (("featstack_images_per_s", "featstack"), ("host_preprocess_images_per_s", "host prep"),
                 ("uint8_in_images_per_s", "uint8 in"), ("device_images_per_s", "on device"))
-        lines.append(f"\n{'(b) images/s per backbone':<26}" + "".join(f"{c:>11}" for _, c in cols) + f"{'rel diff':>10}")
+        lines.append(f"\n{'(b) images/s per backbone':<26}" + "".join(f"{c:>11}" for _, c in cols)
+                     + f"{'rel diff':>10}")
         for name, row in per.items():
             lines.append(f"{name:<26}" + "".join(f"{_fmt(row.get(k), 0):>11}" for k, _ in cols)
-                         + f"{format(row['uint8_in_max_rel_diff'], '.1e') if 'uint8_in_max_rel_diff' in row else '—':>10}")
+                         + format(format(row['uint8_in_max_rel_diff'], '.1e') if 'uint8_in_max_rel_diff' in row
+                                  else '—', '>10'))
     failed = [k for k, v in st.items() if not v.get("ok")]
     lines.append("\nall stages ok" if not failed else "\nFAILED stages: " + ", ".join(
         f"{k} ({st[k].get('error', '')[-200:]})" for k in failed))
@@ -605,7 +613,8 @@ def main(argv=None):
         s.add_argument("--image-size", type=int, default=None, help="override every input size (CPU mode: small)")
         s.add_argument("--threads", type=int, default=None, help="decoder threads/processes (default: cores)")
         s.add_argument("--model-images", type=int, default=4096, help="(b): images timed per backbone")
-        s.add_argument("--timm-compile", default=None, help="torch.compile backend (default inductor on GPU, eager on CPU)")
+        s.add_argument("--timm-compile", default=None,
+                       help="torch.compile backend (default inductor on GPU, eager on CPU)")
         s.add_argument("--n", type=int, default=KAGGLE_TRAIN + KAGGLE_TEST)
         s.add_argument("--out-dir", default=os.environ.get("OUT") or "/tmp/gpuout")
         s.add_argument("--work", default="/tmp/featstack-gpu-bench", help="generated data, features, stage files")

@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 from bench_gpu import jax_compiles  # noqa: E402
+
 from featstack import backbones as bb  # noqa: E402
 
 counts = jax_compiles()

@@ -5,10 +5,15 @@ from ..cli import parse_command, run_main
 from ..paths import MODELS_DIR
 
 DESCRIPTION = "Find mislabelled photos, duplicates, train/test leakage and outliers of a run from its cached features."
+EXAMPLES = """examples:
+  %(prog)s
+  %(prog)s --run models/RUN_ID --top 50
+"""
 
 
 def main(argv=None, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=None, help="a stack.py run folder (default: the newest under --models-dir)")
     p.add_argument("--top", type=int, default=20, help="entries shown in audit.md and the contact sheets (default 20)")
     p.add_argument("--threshold", type=float, default=0.95,

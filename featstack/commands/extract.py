@@ -1,16 +1,26 @@
-"""`featstack extract` (and extract_features.py): extract and cache pooled features of frozen ImageNet backbones for every image of a dataset."""
+"""`featstack extract` (and extract_features.py):
+extract and cache pooled features of frozen ImageNet backbones for every image of a dataset.
+"""
 import argparse
 
 from ..cli import batch_size_arg, comma_list, parse_command, run_main
 from ..paths import FEATURES_DIR
 
 DESCRIPTION = 'Extract and cache pooled features of frozen ImageNet backbones for every image of a dataset.'
+EXAMPLES = """examples:
+  %(prog)s --demo
+  %(prog)s --data data/dog-breed
+  %(prog)s --data data/photos --backbones resnet50,vgg16 --weights /kaggle/input/keras-weights \\
+      --summary-json summary.json
+"""
 
 
 def parse_args(argv=None, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
-    p.add_argument("--data", help="dataset folder (or manifest CSV)")
-    p.add_argument("--layout", default="auto", help="auto|dog-breed|cats-dogs|folders|manifest (default auto)")
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", help="required unless --demo: the dataset folder (or manifest CSV)")
+    p.add_argument("--layout", default="auto",
+                   help="auto|dog-breed|cats-dogs|folders|stanford-dogs|manifest (default auto)")
     p.add_argument("--backbones", default=None,
                    help="comma-separated registry names or .keras/.h5 model paths (PATH:LAYER for a named layer); "
                         "default xception,inception_v3,resnet50,vgg16")
@@ -23,7 +33,8 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--name", default=None, help="dataset name under the store (default: the data folder's name)")
     p.add_argument("--holdout", type=float, default=0.1, help="stratified holdout fraction (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of random weights (default 0)")
-    p.add_argument("--batch-size", default=32, type=batch_size_arg, help="images per forward pass, or auto (default 32)")
+    p.add_argument("--batch-size", default=32, type=batch_size_arg,
+                   help="images per forward pass, or auto (default 32)")
     p.add_argument("--precision", default="float32", help="float32|bf16 (mixed precision, for GPUs)")
     p.add_argument("--decode-threads", type=int, default=None, help="decoder threads (default: CPU count)")
     p.add_argument("--engine", default="local", help="local|ray (Ray Data, for clusters)")
@@ -32,7 +43,8 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--ray-decode-cpus", type=float, default=1, help="Ray: CPUs per decode task (default 1)")
     p.add_argument("--shard-rows", type=int, default=1024,
                    help="rows per on-disk shard: the most a killed run loses (default 1024)")
-    p.add_argument("--demo", action="store_true", help="write the embedded digits competition to data/demo and extract it")
+    p.add_argument("--demo", action="store_true",
+                   help="write the embedded digits competition to data/demo and extract it")
     p.add_argument("--summary-json", default=None, help="also write the end-of-run summary to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parse_command(p, argv)

@@ -1,4 +1,6 @@
-"""`featstack predict` (and predict.py): which class (breed) is in this photo? Answers one or many photos through a trained stack.py run."""
+"""`featstack predict` (and predict.py):
+which class (breed) is in this photo? Answers one or many photos through a trained stack.py run.
+"""
 import argparse
 import sys
 
@@ -6,10 +8,16 @@ from ..cli import batch_size_arg, parse_command, run_main
 from ..paths import MODELS_DIR
 
 DESCRIPTION = 'Which class (breed) is in this photo? Answers one or many photos through a trained stack.py run.'
+EXAMPLES = """examples:
+  %(prog)s photo.jpg
+  %(prog)s photos/ --run models/RUN_ID --top 3
+  %(prog)s photo.jpg --json --models-dir models
+"""
 
 
 def main(argv=None, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("photos", nargs="+", help="image files or folders of images")
     p.add_argument("--run", default=None, help="a stack.py run folder (default: the newest under --models-dir)")
     p.add_argument("--top", type=int, default=5, help="classes to print per photo (default 5)")

@@ -1,4 +1,6 @@
-"""`featstack serve` (and serve.py): the photo app, a web page and a JSON API that answer photos through a stack.py run."""
+"""`featstack serve` (and serve.py):
+the photo app, a web page and a JSON API that answer photos through a stack.py run.
+"""
 import argparse
 import os
 
@@ -7,6 +9,11 @@ from ..paths import MODELS_DIR
 
 DESCRIPTION = ("The photo app: a web page and a JSON API that say which class (breed) is in a photo, through a trained "
                "stack.py run, with exactly predict.py's answers.")
+EXAMPLES = """examples:
+  %(prog)s
+  %(prog)s --run models/RUN_ID --port 8080
+  %(prog)s --host 0.0.0.0 --token SECRET
+"""
 
 
 def _positive(kind):
@@ -22,7 +29,8 @@ def _positive(kind):
 
 
 def main(argv=None, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=None, help="a stack.py run folder (default: the newest under --models-dir)")
     p.add_argument("--models-dir", default=str(MODELS_DIR), help="where runs are (default models/)")
     p.add_argument("--host", default="127.0.0.1",

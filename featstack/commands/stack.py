@@ -1,15 +1,23 @@
-"""`featstack stack` (and stack.py): train logistic / LightGBM / stacked models on cached features and write an honest holdout report."""
+"""`featstack stack` (and stack.py):
+train logistic / LightGBM / stacked models on cached features and write an honest holdout report.
+"""
 import argparse
 
 from ..cli import comma_list, parse_command, run_main
 from ..paths import MODELS_DIR
 
 DESCRIPTION = 'Train logistic / LightGBM / stacked models on cached features and write an honest holdout report.'
+EXAMPLES = """examples:
+  %(prog)s --features features/demo --model stack
+  %(prog)s --features features/dog-breed --model logreg --C 0.5 --models-dir models
+  %(prog)s --list --features features/dog-breed
+"""
 
 
 def main(argv=None, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
-    p.add_argument("--features", help="a dataset folder under features/, e.g. features/demo")
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--features", help="required unless --list: a dataset folder under features/, e.g. features/demo")
     p.add_argument("--backbones", default=None, help="comma-separated backbones (default: every cached one)")
     p.add_argument("--model", default="logreg", help="logreg|lgbm|stack|avg|blend (default logreg)")
     p.add_argument("--level2", default="logreg", help="stack's level-2 model: logreg|lgbm (default logreg)")

@@ -1,14 +1,22 @@
-"""`featstack submit` (and submit.py): write a run's Kaggle submission, validated, and optionally submit it with the official kaggle tool."""
+"""`featstack submit` (and submit.py):
+write a run's Kaggle submission, validated, and optionally submit it with the official kaggle tool.
+"""
 import argparse
 
 from ..cli import parse_command, run_main
 from ..paths import MODELS_DIR, SUBMISSIONS_DIR
 
 DESCRIPTION = "Write a run's Kaggle submission, validated, and optionally submit it with the official kaggle tool."
+EXAMPLES = """examples:
+  %(prog)s
+  %(prog)s --run models/RUN_ID --format cats-dogs --clip 0.005 --out submissions/cats.csv.gz
+  %(prog)s --submit dog-breed-identification -m "stack, 4 backbones" --submissions-dir submissions
+"""
 
 
 def main(argv=None, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION)
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default=None, help="a stack.py run folder (default: the newest under --models-dir)")
     p.add_argument("--format", default="auto", help="auto|dog-breed|cats-dogs|generic (default auto: from the layout)")
     p.add_argument("--sample", default=None, help="the competition's sample_submission.csv (default: from the dataset)")
