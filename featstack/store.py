@@ -355,12 +355,7 @@ class EntryWriter:
     def flush(self) -> None:
         if not self._ids:
             return
-        try:
-            self.shards.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            if is_disk_full(exc):
-                raise disk_full_error(self.shards.parent, self.shards.name) from None
-            raise
+        make_dir(self.shards)
         width = self._blocks[0].shape[1]
         # The rename is the shard's completion marker: a run killed mid-write leaves only a stray .tmp.
         _write_h5(self.shards / f"{time.time_ns():020d}.h5", self._ids, self._blocks, width, {})
@@ -411,15 +406,20 @@ class EntryWriter:
             self.shards.parent.rmdir()
 
 
+def make_dir(folder: Path) -> None:
+    """mkdir -p, with a full disk said in one line naming the folder."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full_error(folder.parent, folder.name) from None
+        raise
+
+
 @contextlib.contextmanager
 def writer_lock(paths: DatasetPaths):
     """One writer per dataset store: a second run fails at once instead of interleaving shards."""
-    try:
-        paths.root.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        if is_disk_full(exc):
-            raise disk_full_error(paths.root.parent, paths.root.name) from None
-        raise
+    make_dir(paths.root)
     lock = FileLock(str(paths.lock_file), timeout=0)
     try:
         lock.acquire()
