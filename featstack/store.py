@@ -282,10 +282,6 @@ class EntryWriter:
         with h5py.File(self.final, "r") as f:
             return set(f[MERGED_SHARDS].asstr()[:]) if MERGED_SHARDS in f else set()
 
-    def done_ids(self) -> set[str]:
-        """Ids already stored, in the merged file or in shards a killed run left behind."""
-        return set().union(*self._ids_by_source().values())
-
     def recover(self) -> set[str]:
         """Make the store this entry left trustworthy, then return the ids it holds.
 
