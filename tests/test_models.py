@@ -50,9 +50,31 @@ def test_fast_logreg_equals_plain_sklearn(tmp_path):
     plain = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, tol=1e-8, max_iter=2000))
     fast = M.CVLogReg(C=0.5, folds=3, seed=0, tol=1e-8).fit(X, y)
     np.testing.assert_allclose(fast.predict_proba(X_new), plain.fit(X, y).predict_proba(X_new), atol=1e-4)
-    # Folds warm-started from the refit still land on each fold's own solution: the same OOF as cold CV.
     cold = cross_val_predict(plain, X, y, cv=StratifiedKFold(3, shuffle=True, random_state=0), method="predict_proba")
     np.testing.assert_allclose(fast.oof_, cold, atol=1e-4)
+
+
+def test_a_fold_never_sees_the_rows_it_scores(tmp_path):
+    """Shuffling the features among fold 0's held-out rows must leave fold 0's model exactly as it was, so its OOF
+    rows are shuffled the same way and otherwise unchanged. A fold warm-started from the refit (which saw those
+    rows) fails this: its start, and so where lbfgs stops, moves with them."""
+    X, y, _ = _xy(write_synthetic_store(tmp_path, "s", classes=4, per_class=40, separation=0.5))
+    held_out = next(iter(StratifiedKFold(3, shuffle=True, random_state=0).split(X, y)))[1]
+    shuffled = np.random.default_rng(0).permutation(held_out)
+    X_shuffled = X.copy()
+    X_shuffled[held_out] = X[shuffled]
+    before = M.CVLogReg(folds=3, seed=0).fit(X, y).oof_
+    after = M.CVLogReg(folds=3, seed=0).fit(X_shuffled, y).oof_
+    assert not np.allclose(after, before)  # the other folds trained on the shuffled rows, and changed
+    by_row = dict(zip(held_out, shuffled))
+    np.testing.assert_allclose(after[held_out], before[[by_row[r] for r in held_out]], rtol=0, atol=1e-12)
+
+
+def test_parallel_folds_equal_sequential_ones(tmp_path):
+    X, y, _ = _xy(write_synthetic_store(tmp_path, "s", classes=3, per_class=30, separation=0.5))
+    one, two = (M.CVLogReg(folds=3, n_jobs=n).fit(X, y) for n in (1, 2))
+    np.testing.assert_array_equal(one.oof_, two.oof_)
+    np.testing.assert_array_equal(one.predict_proba(X), two.predict_proba(X))
 
 
 def test_blend_weights_on_the_simplex():
@@ -134,3 +156,14 @@ def test_extraction_records_seconds(demo):
     for path in demo["features"].glob("*.h5"):
         with h5py.File(path, "r") as f:
             assert f.attrs["extract_seconds"] > 0
+
+
+def test_fast_logreg_equals_plain_sklearn_on_two_classes(tmp_path):
+    """scikit-learn fits two classes with a single logit; the fast folds must give the same model."""
+    X, y, _ = _xy(write_synthetic_store(tmp_path, "s", classes=2, per_class=40, separation=0.5))
+    X = X.astype(np.float64)
+    plain = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, tol=1e-8, max_iter=2000))
+    fast = M.CVLogReg(C=0.5, folds=3, seed=0, tol=1e-8).fit(X, y)
+    np.testing.assert_allclose(fast.predict_proba(X), plain.fit(X, y).predict_proba(X), atol=1e-4)
+    cold = cross_val_predict(plain, X, y, cv=StratifiedKFold(3, shuffle=True, random_state=0), method="predict_proba")
+    np.testing.assert_allclose(fast.oof_, cold, atol=1e-4)
