@@ -31,8 +31,9 @@ LOGREG_MAX_ITER = 300
 # previous, cheaper one.
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 LGBM_PCA_DIMS = 128
-# rows x dims x classes from which folds run in parallel processes (the dog-breed shape is 7e9).
-PARALLEL_FOLDS_MIN_WORK = 5e8
+# rows x dims x classes from which folds run in parallel processes (the dog-breed shape is 7e9, one vgg16 block
+# 5e8; the tests' datasets stay below 1e6, where starting the workers would cost more than it saves).
+PARALLEL_FOLDS_MIN_WORK = 1e8
 
 
 def parse_C(value) -> float | str:
@@ -294,7 +295,9 @@ class OOFStack(_PerBackbone):
         self.C = C
 
     def _level2(self):
-        return logreg(self.seed, C=1.0) if self.level2 == "logreg" else PCALightGBM(pca_dims=None, seed=self.seed)
+        if self.level2 == "logreg":  # keeps its own OOF, from the same folds: the stack's CV costs no second pass
+            return CVLogReg(C=1.0, folds=self.folds, seed=self.seed)
+        return PCALightGBM(pca_dims=None, seed=self.seed)
 
     def fit(self, X, y):
         self._fit_level1(X, y)
@@ -303,6 +306,8 @@ class OOFStack(_PerBackbone):
 
     def cv_predict_proba(self, y):
         """Out-of-fold probabilities of the whole stack on the training rows (level-2 CV on level-1 OOF)."""
+        if isinstance(self.level2_, CVLogReg):
+            return self.level2_.oof_
         return cross_val_predict(self._level2(), np.hstack(self.oof_level1_), y, cv=_folds(self.folds, self.seed),
                                  method="predict_proba")
 
