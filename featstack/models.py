@@ -127,8 +127,9 @@ def _fold_path(X, y, train, valid, Cs, tol, n_classes):
     """One fold from its training rows alone: standardise, then fit every C in turn, each warm-started from the last.
 
     Returns, per C, the held-out probabilities and the solution in raw-feature coordinates (W, b with logits
-    X @ W + b). Nothing that saw the held-out rows is used, not even as a starting point: a start from the refit
-    made the OOF log loss 0.003 optimistic on the dog-breed shape even at tol 1e-6 (BENCHMARKS.md).
+    X @ W + b). Nothing that saw the held-out rows is used, not even as a starting point: from the refit's solution
+    a fold's result moves with its held-out rows, and at tol 1e-5 it stops there at once (OOF log loss 0.0009 on
+    the dog-breed shape, BENCHMARKS.md).
     """
     Z, mean, scale = standardise(X, train)
     Z_valid = ((X[valid] - mean) / scale).astype(X.dtype)
@@ -149,8 +150,8 @@ def _fold_jobs(shape: tuple[int, int], n_classes: int, folds: int) -> int:
     """Worker processes for the folds: one per core once a fold's products are large enough to repay the start.
 
     Each worker gets cores // workers BLAS threads (joblib's default), and the optimiser's own bookkeeping, which is
-    single-threaded, overlaps with the other workers' products: 5 folds of the dog-breed shape took 31.9 s on 2
-    workers against 46 s one after another with 2 BLAS threads (BENCHMARKS.md).
+    single-threaded, overlaps with the other workers' products: CVLogReg on the dog-breed shape took 40.0 s on 2
+    workers against 48.4 s one fold after another with 2 BLAS threads (BENCHMARKS.md).
     """
     rows, dims = shape
     if rows * dims * n_classes < PARALLEL_FOLDS_MIN_WORK:
