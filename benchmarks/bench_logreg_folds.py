@@ -90,9 +90,7 @@ def fold_oof(X, y, splits, start, tol) -> tuple[float, int, float]:
         Z, mean, scale = M.standardise(X, train)
         objective = Counted(Z, y[train], 120, 1.0)
         w = M._lbfgs(objective, np.zeros((X.shape[1] + 1) * 120) if start is None else start, tol)
-        W, b = objective.split(w)
-        Zv = ((X[valid] - mean) / scale).astype(X.dtype)
-        oof[valid] = M.softmax((Zv @ W.astype(X.dtype)).astype(np.float64) + b, axis=1)
+        oof[valid] = objective.predict_proba(((X[valid] - mean) / scale).astype(X.dtype), w)
     return kaggle_log_loss(y, oof), Counted.calls, time.perf_counter() - t0
 
 

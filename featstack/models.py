@@ -49,10 +49,6 @@ def parse_C(value) -> float | str:
     return C
 
 
-def logreg(seed: int = 0, C: float = LOGREG_C, tol: float = LOGREG_TOL):
-    return make_pipeline(StandardScaler(), _lr(seed, C, tol))
-
-
 def _folds(folds: int, seed: int):
     return StratifiedKFold(folds, shuffle=True, random_state=seed)
 
@@ -91,10 +87,19 @@ class SoftmaxObjective:
         d = self.Z.shape[1]
         return w[:d * self.n_classes].reshape(d, self.n_classes), w[d * self.n_classes:]
 
-    def __call__(self, w: np.ndarray) -> tuple[float, np.ndarray]:
+    def logits(self, Z: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """float64 logits of standardised rows ``Z``, the product in Z's dtype."""
         W, b = self.split(w)
-        logits = (self.Z @ W.astype(self.Z.dtype)).astype(np.float64)
+        logits = (Z @ W.astype(Z.dtype)).astype(np.float64)
         logits += b
+        return logits
+
+    def predict_proba(self, Z: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return softmax(self.logits(Z, w), axis=1)
+
+    def __call__(self, w: np.ndarray) -> tuple[float, np.ndarray]:
+        W, _ = self.split(w)
+        logits = self.logits(self.Z, w)
         top = logits.max(axis=1, keepdims=True)
         logits -= top
         true_logit = logits[self.rows, self.y].sum()
@@ -140,9 +145,8 @@ def _fold_path(X, y, train, valid, Cs, tol, n_classes):
         objective = SoftmaxObjective(Z, y[train], n_classes, C / 2 if n_classes == 2 else C)
         w = _lbfgs(objective, w, tol)
         W, b = objective.split(w)
-        logits = (Z_valid @ W.astype(X.dtype)).astype(np.float64) + b
         raw_W = W / scale[:, None]
-        out.append((softmax(logits, axis=1), (raw_W, b - mean @ raw_W)))
+        out.append((objective.predict_proba(Z_valid, w), (raw_W, b - mean @ raw_W)))
     return out
 
 
