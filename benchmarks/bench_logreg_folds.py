@@ -89,7 +89,7 @@ def fold_oof(X, y, splits, start, tol) -> tuple[float, int, float]:
     for train, valid in splits:
         Z, mean, scale = M.standardise(X, train)
         objective = Counted(Z, y[train], 120, 1.0)
-        w = M._lbfgs(objective, np.zeros((X.shape[1] + 1) * 120) if start is None else start, tol)
+        w, _ = M._lbfgs(objective, np.zeros((X.shape[1] + 1) * 120) if start is None else start, tol)
         oof[valid] = objective.predict_proba(((X[valid] - mean) / scale).astype(X.dtype), w)
     return kaggle_log_loss(y, oof), Counted.calls, time.perf_counter() - t0
 
@@ -98,7 +98,7 @@ def starts(X, y) -> dict:
     splits = list(M._folds(5, 0).split(X, y))
     Z, _, _ = M.standardise(X)
     Counted.calls, t0 = 0, time.perf_counter()
-    refit = M._lbfgs(Counted(Z, y, 120, 1.0), np.zeros((X.shape[1] + 1) * 120), M.LOGREG_TOL)
+    refit, _ = M._lbfgs(Counted(Z, y, 120, 1.0), np.zeros((X.shape[1] + 1) * 120), M.LOGREG_TOL)
     out = {"refit_from_zeros": {"evaluations": Counted.calls, "seconds": time.perf_counter() - t0}}
     del Z
     for name, start, tol in (("folds_from_zeros_tol1e-6", None, 1e-6), ("folds_from_refit_tol1e-6", refit, 1e-6),

@@ -118,14 +118,11 @@ class SoftmaxObjective:
         return loss, grad
 
 
-def _lbfgs(objective: SoftmaxObjective, w0: np.ndarray, tol: float) -> np.ndarray:
-    """scipy's L-BFGS-B with the settings scikit-learn's lbfgs solver uses."""
+def _lbfgs(objective: SoftmaxObjective, w0: np.ndarray, tol: float) -> tuple[np.ndarray, bool]:
+    """scipy's L-BFGS-B with the settings scikit-learn's lbfgs solver uses; also whether it hit the iteration limit."""
     result = minimize(objective, w0, jac=True, method="L-BFGS-B",
                       options={"maxiter": LOGREG_MAX_ITER, "maxls": 50, "gtol": tol, "ftol": 64 * np.finfo(float).eps})
-    if result.nit >= LOGREG_MAX_ITER:
-        warnings.warn(f"lbfgs stopped after {LOGREG_MAX_ITER} iterations before reaching tol {tol:g}",
-                      ConvergenceWarning, stacklevel=2)
-    return result.x
+    return result.x, result.nit >= LOGREG_MAX_ITER
 
 
 def _fold_path(X, y, train, valid, Cs, tol, n_classes):
@@ -143,10 +140,10 @@ def _fold_path(X, y, train, valid, Cs, tol, n_classes):
     for C in Cs:
         # scikit-learn fits two classes with one logit: the same model as two softmax logits at half the C.
         objective = SoftmaxObjective(Z, y[train], n_classes, C / 2 if n_classes == 2 else C)
-        w = _lbfgs(objective, w, tol)
+        w, stopped = _lbfgs(objective, w, tol)
         W, b = objective.split(w)
         raw_W = W / scale[:, None]
-        out.append((objective.predict_proba(Z_valid, w), (raw_W, b - mean @ raw_W)))
+        out.append((objective.predict_proba(Z_valid, w), (raw_W, b - mean @ raw_W), stopped))
     return out
 
 
@@ -182,8 +179,12 @@ def logreg_cv(X, y, *, folds: int = 5, seed: int = 0, C: float | str = LOGREG_C,
                                     for tr, va in splits)
     oofs = [np.zeros((len(y), len(classes))) for _ in Cs]
     for (_, valid), path in zip(splits, paths):
-        for k, (proba, _) in enumerate(path):
+        for k, (proba, _, _) in enumerate(path):
             oofs[k][valid] = proba
+    stopped = sum(fit[2] for path in paths for fit in path)
+    if stopped:  # said once here, not per fold: folds may run in worker processes
+        warnings.warn(f"lbfgs reached its {LOGREG_MAX_ITER}-iteration limit before tol {tol:g} in {stopped} of "
+                      f"{len(paths) * len(Cs)} fold fits", ConvergenceWarning, stacklevel=2)
     grid = {c: kaggle_log_loss(y_index, o) for c, o in zip(Cs, oofs)}
     best = min(range(len(Cs)), key=lambda k: grid[Cs[k]])
     raw_W, raw_b = (np.mean([path[best][1][j] for path in paths], axis=0) for j in (0, 1))

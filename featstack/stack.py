@@ -7,11 +7,13 @@ import os
 import platform
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import joblib
 import numpy as np
 import pandas as pd
+from sklearn.exceptions import ConvergenceWarning
 
 from . import models as M
 from . import reports
@@ -81,7 +83,10 @@ def run_stack(features: str | Path, *, backbones: list[str] | None = None, model
           f"{folds}-fold CV")
     t0 = time.perf_counter()
     # Only training rows reach the estimator: holdout labels are read once, below, for the final score.
-    oof, estimator = M.fit_with_oof(estimator, X[train], y_train, folds=folds, seed=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        oof, estimator = M.fit_with_oof(estimator, X[train], y_train, folds=folds, seed=seed)
+    _say_warnings(caught)
     fit_seconds = time.perf_counter() - t0
     cv = reports.scores(y_train, oof, classes)
     ho_proba = estimator.predict_proba(X[holdout]) if len(holdout) else np.zeros((0, len(classes)))
@@ -121,6 +126,19 @@ def run_stack(features: str | Path, *, backbones: list[str] | None = None, model
     print(f"{seconds:.1f} s")
     print(run.root)
     return run.root
+
+
+def _say_warnings(caught: list[warnings.WarningMessage]) -> None:
+    """Fits that hit their iteration limit in one line; any other warning as Python would have shown it."""
+    stopped = [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+    for w in caught:
+        if w not in stopped:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if stopped:
+        more = f" (and {len(stopped) - 1} more such warnings)" if len(stopped) > 1 else ""
+        print(f"note: logistic regression stopped at its iteration limit before converging: "
+              f"{str(stopped[0].message).splitlines()[0][:120]}{more}; the scores and predictions are those of the "
+              "models as fitted; a smaller --C (or --C auto) converges in fewer iterations")
 
 
 def _write_run(run: RunPaths, estimator, config, report, fs, classes, train, holdout, test_ids, oof, ho_proba,

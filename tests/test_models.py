@@ -1,11 +1,13 @@
 """Stacker models: the fast logistic regression equals a plain sklearn fit, the blend's simplex weights and honest CV,
 --C auto, and --select's ranking of backbones."""
 import json
+import warnings
 
 import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
@@ -167,3 +169,16 @@ def test_fast_logreg_equals_plain_sklearn_on_two_classes(tmp_path):
     np.testing.assert_allclose(fast.predict_proba(X), plain.fit(X, y).predict_proba(X), atol=1e-4)
     cold = cross_val_predict(plain, X, y, cv=StratifiedKFold(3, shuffle=True, random_state=0), method="predict_proba")
     np.testing.assert_allclose(fast.oof_, cold, atol=1e-4)
+
+
+def test_fits_at_their_iteration_limit_are_one_line_not_python_warnings(tmp_path, monkeypatch, capsys):
+    store = write_synthetic_store(tmp_path / "f", "s", classes=3, per_class=20)
+    monkeypatch.setattr(M, "LOGREG_MAX_ITER", 2)
+    with warnings.catch_warnings(record=True) as leaked:
+        warnings.simplefilter("always")
+        run_stack(store.root, model="logreg", models_dir=tmp_path / "m")
+    assert not [w for w in leaked if issubclass(w.category, ConvergenceWarning)]
+    out, err = capsys.readouterr()
+    notes = [line for line in out.splitlines() if line.startswith("note: logistic regression stopped")]
+    assert len(notes) == 1 and "2-iteration limit" in notes[0] and "--C" in notes[0]
+    assert "ConvergenceWarning" not in err and "Warning" not in out.replace(notes[0], "")
