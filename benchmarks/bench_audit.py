@@ -110,7 +110,7 @@ def threshold_study(a) -> dict:
     from PIL import Image
 
     from featstack.audit import embedding
-    from featstack.extract import extract
+    from featstack.extract import ExtractConfig, extract
     from featstack.features import load_features
     if not SHARED.is_dir():
         sys.exit(f"{SHARED} is absent: the study needs the real photos")
@@ -131,8 +131,8 @@ def threshold_study(a) -> dict:
             img.resize((int(img.width * scale), int(img.height * scale)), Image.BICUBIC).save(
                 data / "train" / f"dog.{1000 + k}.jpg", quality=40 + k)
             copies[f"dog.{1000 + k}"] = str(k)
-        summary = extract(data, backbones=a.backbones.split(","), weights="random", image_size=a.image_size,
-                          features_dir=Path(tmp) / "features", progress=False)
+        summary = extract(ExtractConfig(data, backbones=a.backbones.split(","), weights="random",
+                                        image_size=a.image_size, features_dir=Path(tmp) / "features", progress=False))
         fs = load_features(summary.paths.root)
         unit = embedding(fs).astype(np.float64)
         sim = unit @ unit.T

@@ -25,7 +25,7 @@ MARK_BEGIN, MARK_END = "<!-- bench_serve:begin -->", "<!-- bench_serve:end -->"
 
 
 def make_run(work: Path, backbones: list[str], image_size: int | None, per_class: int) -> tuple[Path, list[Path], str]:
-    from featstack.extract import extract
+    from featstack.extract import ExtractConfig, extract
     from featstack.stack import run_stack
     if SHARED.is_dir():
         data = work / "data"
@@ -40,8 +40,8 @@ def make_run(work: Path, backbones: list[str], image_size: int | None, per_class
         data = write_demo(work / "data")
         photos = sorted((data / "test").glob("*.jpg"))
         source = "demo digit photos (../shared/data absent)"
-    summary = extract(data, backbones=backbones, weights="random", image_size=image_size,
-                      features_dir=work / "features", batch_size=32, progress=False)
+    summary = extract(ExtractConfig(data, backbones=backbones, weights="random", image_size=image_size,
+                                    features_dir=work / "features", batch_size=32, progress=False))
     run = run_stack(summary.paths.root, model="logreg", models_dir=work / "models", folds=3)
     return run, photos, source
 

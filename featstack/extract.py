@@ -6,7 +6,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -142,49 +142,74 @@ def still_bad(paths: DatasetPaths, jobs: list[Job], table: pd.DataFrame) -> pd.D
     return bad
 
 
-def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: list[str] | None = None,
-            weights: str = "imagenet", preprocess: str | None = None, image_size: int | None = None,
-            pooling: str = "avg", tta: str = "none", features_dir: str | Path = "features", name: str | None = None,
-            holdout: float = 0.1, seed: int = 0, batch_size: int | str = 32, precision: str = "float32",
-            decode_threads: int | None = None, demo: bool = False, engine: str = "local",
-            ray_address: str | None = None, ray_options: dict | None = None, shard_rows: int = 1024,
-            progress: bool = True) -> Summary:
+@dataclass(frozen=True)
+class ExtractConfig:
+    """One extraction run as `extract_features.py` is asked for it; the command-line parser builds it."""
+
+    data: str | Path | None = None
+    layout: str = "auto"
+    backbones: list[str] | None = None  # None: DEFAULT_BACKBONES
+    weights: str = "imagenet"
+    preprocess: str | None = None
+    image_size: int | None = None
+    pooling: str = "avg"
+    tta: str = "none"
+    features_dir: str | Path = "features"
+    name: str | None = None
+    holdout: float = 0.1
+    seed: int = 0
+    batch_size: int | str = 32
+    precision: str = "float32"
+    decode_threads: int | None = None
+    demo: bool = False
+    engine: str = "local"
+    ray_address: str | None = None
+    ray_options: dict = field(default_factory=dict)
+    shard_rows: int = 1024
+    progress: bool = True
+
+    def resolve_backbones(self, names: list[str] | None = None, weights: str | None = None) -> list[bb.Backbone]:
+        return bb.resolve(list(names or self.backbones or bb.DEFAULT_BACKBONES), weights=weights or self.weights,
+                          image_size=self.image_size, pooling=self.pooling, tta=self.tta,
+                          preprocess_mode=self.preprocess, precision=self.precision, seed=self.seed)
+
+
+def extract(config: ExtractConfig) -> Summary:
     """Extract (or complete) the cached features of every image for every requested backbone."""
     started = time.perf_counter()
-    if demo:
+    c = config
+    if c.demo:
         from .demo import write_demo
-        data = write_demo(Path(data) if data else DEMO_DATA_DIR)
-        name = name or DEMO_NAME
-        image_size = image_size or 96  # digits are 8x8: 96 px keeps the demo a few minutes on 2 cores
+        # digits are 8x8: 96 px keeps the demo a few minutes on 2 cores
+        c = replace(c, data=write_demo(Path(c.data) if c.data else DEMO_DATA_DIR), name=c.name or DEMO_NAME,
+                    image_size=c.image_size or 96)
+    data = c.data
     if data is None:
         raise FeatstackError("--data: name the dataset folder (or use --demo)")
-    table, layout = read_layout(data, layout)
-    print(describe(table, holdout), flush=True)  # what was detected, before the long work starts
-    name = name or (Path(data).stem if Path(data).is_file() else Path(data).resolve().name)
-    paths = DatasetPaths.of(features_dir, name)
-    if batch_size == "auto":
-        batch_size = auto_batch_size()
+    table, layout = read_layout(data, c.layout)
+    print(describe(table, c.holdout), flush=True)  # what was detected, before the long work starts
+    name = c.name or (Path(data).stem if Path(data).is_file() else Path(data).resolve().name)
+    paths = DatasetPaths.of(c.features_dir, name)
+    batch_size = auto_batch_size() if c.batch_size == "auto" else c.batch_size
     batch_size = int(batch_size)
     if batch_size < 1:
         raise FeatstackError(f"--batch-size {batch_size}: must be at least 1")
-    threads = decode_threads or os.cpu_count() or 1
-    if engine not in ("local", "ray"):
-        raise FeatstackError(f"--engine {engine}: choose local or ray")
-    resolved = bb.resolve(list(backbones or bb.DEFAULT_BACKBONES), weights=weights, image_size=image_size,
-                          pooling=pooling, tta=tta, preprocess_mode=preprocess, precision=precision, seed=seed)
+    threads = c.decode_threads or os.cpu_count() or 1
+    if c.engine not in ("local", "ray"):
+        raise FeatstackError(f"--engine {c.engine}: choose local or ray")
+    resolved = c.resolve_backbones()
     with writer_lock(paths):
         remove_stray_tmp(paths)  # temporary files of writes a killed run left behind
         # Everything that can fail is decided before split.csv and dataset.json are written.
-        split = plan_split(paths, table, holdout=holdout, seed=seed, layout=layout, data=Path(data))
+        split = plan_split(paths, table, holdout=c.holdout, seed=c.seed, layout=layout, data=Path(data))
         table = split.table
         ids = set(table["id"])
-        jobs = plan_jobs(paths, resolved, ids, shard_rows)
+        jobs = plan_jobs(paths, resolved, ids, c.shard_rows)
         known_bad = still_bad(paths, jobs, table)
-        if demo and weights == "imagenet":
-            jobs = _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, pooling, tta,
-                                           precision, seed)
+        if c.demo and c.weights == "imagenet":
+            jobs = _demo_weights_or_random(jobs, paths, resolved, ids, c)
             known_bad = still_bad(paths, jobs, table)
-        if engine == "local":
+        if c.engine == "local":
             for job in jobs:
                 if job.todo:
                     job.backbone.build()  # the Ray engine builds on its actors instead
@@ -193,12 +218,12 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
         for job in active:
             job.backbone.batch_rows = batch_size  # every forward pass gets one shape: each model compiles once
         loop_started = time.perf_counter()
-        if engine == "ray":
+        if c.engine == "ray":
             from .ray_engine import run_jobs_ray
-            bad = run_jobs_ray(active, table, batch_size=batch_size, address=ray_address, options=ray_options or {},
-                               progress=progress)
+            bad = run_jobs_ray(active, table, batch_size=batch_size, address=c.ray_address,
+                               options=c.ray_options or {}, progress=c.progress)
         else:
-            bad = run_jobs(active, table, batch_size=batch_size, threads=threads, progress=progress)
+            bad = run_jobs(active, table, batch_size=batch_size, threads=threads, progress=c.progress)
         if len(known_bad):
             bad = pd.concat([known_bad, bad], ignore_index=True) if len(bad) else known_bad
         loop_seconds = time.perf_counter() - loop_started
@@ -218,7 +243,7 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
     return summary
 
 
-def _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, pooling, tta, precision, seed):
+def _demo_weights_or_random(jobs, paths, resolved, ids, config: ExtractConfig):
     """The demo may not stop for want of ImageNet weights: it says so loudly and records seeded random weights."""
     try:
         for job in jobs:
@@ -230,10 +255,8 @@ def _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, 
         print(f"{bar}\nDEMO: ImageNet weights are not available here, so the demo goes on with SEEDED RANDOM\n"
               f"weights (--weights random). Features and scores will be far below ImageNet ones.\n"
               f"Reason: {exc}\n{bar}")
-        names = [b.model_path or b.name for b in resolved]
-        randoms = bb.resolve(names, weights="random", image_size=image_size, pooling=pooling, tta=tta,
-                             precision=precision, seed=seed)
-        return plan_jobs(paths, randoms, ids, shard_rows)
+        randoms = config.resolve_backbones([b.model_path or b.name for b in resolved], weights="random")
+        return plan_jobs(paths, randoms, ids, config.shard_rows)
 
 
 def print_summary(summary: Summary) -> None:

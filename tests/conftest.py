@@ -108,13 +108,13 @@ def _isolated_keras_home(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """The embedded demo competition, extracted small and fast, and one stacked run on it (shared by the session)."""
-    from featstack.extract import extract
+    from featstack.extract import ExtractConfig, extract
     from featstack.stack import run_stack
 
     base = tmp_path_factory.mktemp("demo")
     os.environ["KERAS_HOME"] = str(base / "keras_home")
-    summary = extract(base / "data", demo=True, backbones=["resnet50", "vgg16"], weights="random", image_size=32,
-                      features_dir=base / "features", batch_size=64, progress=False)
+    summary = extract(ExtractConfig(base / "data", demo=True, backbones=["resnet50", "vgg16"], weights="random",
+                                    image_size=32, features_dir=base / "features", batch_size=64, progress=False))
     run = run_stack(summary.paths.root, model="stack", models_dir=base / "models")
     return {"base": base, "data": base / "data", "features": summary.paths.root, "run": run,
             "models": base / "models", "summary": summary}

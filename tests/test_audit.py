@@ -139,9 +139,9 @@ def leaky(tmp_path, shared_data):
     shutil.copy(src / "test1" / "5.jpg", data / "train" / "cat.1000.jpg")
     rows += [("train/dog.1000.jpg", "dog", "train"), ("train/cat.1000.jpg", "cat", "train")]
     pd.DataFrame(rows, columns=["path", "label", "split"]).to_csv(data / "manifest.csv", index=False)
-    from featstack.extract import extract
-    summary = extract(data / "manifest.csv", backbones=["resnet50"], weights="random", image_size=64,
-                      features_dir=tmp_path / "features", progress=False)
+    from featstack.extract import ExtractConfig, extract
+    summary = extract(ExtractConfig(data / "manifest.csv", backbones=["resnet50"], weights="random", image_size=64,
+                                    features_dir=tmp_path / "features", progress=False))
     run = run_stack(summary.paths.root, models_dir=tmp_path / "models", folds=2)
     return {"data": data, "run": run}
 

@@ -5,7 +5,7 @@ import pytest
 
 from featstack import backbones as bb
 from featstack.errors import FeatstackError
-from featstack.extract import extract
+from featstack.extract import ExtractConfig, extract
 from featstack.store import read_entry
 
 from conftest import make_weights_dir
@@ -71,8 +71,8 @@ def keras_reference(name, weights_file, paths, size):
 def test_reference_semantics_all_four_backbones(tmp_path, cats_dogs):
     names = list(bb.DEFAULT_BACKBONES)
     wdir = make_weights_dir(tmp_path / "weights", names, SIZE)
-    summary = extract(cats_dogs, backbones=names, weights=str(wdir), image_size=SIZE,
-                      features_dir=tmp_path / "features", batch_size=5, progress=False)
+    summary = extract(ExtractConfig(cats_dogs, backbones=names, weights=str(wdir), image_size=SIZE,
+                                    features_dir=tmp_path / "features", batch_size=5, progress=False))
     table = pd.read_csv(summary.paths.split_csv, dtype=str)
     paths = {i: str(cats_dogs / ("test1" if s == "test" else "train") / f"{i}.jpg")
              for i, s in zip(table.id, table.split)}
@@ -94,7 +94,8 @@ def test_model_file_backbone_uses_its_pooling_layer(tmp_path, cats_dogs):
     model.save(path)
     with pytest.raises(FeatstackError, match="needs --preprocess"):
         bb.resolve([str(path)])
-    summary = extract(cats_dogs, backbones=[str(path)], preprocess="tf", features_dir=tmp_path / "f", progress=False)
+    summary = extract(ExtractConfig(cats_dogs, backbones=[str(path)], preprocess="tf", features_dir=tmp_path / "f",
+                                    progress=False))
     entry = read_entry(summary.jobs[0].writer.final)
     assert entry.features.shape == (16, 1280) and entry.attrs["input_size"] == 64
     img = keras.utils.img_to_array(keras.utils.load_img(cats_dogs / "train" / f"{entry.ids[0]}.jpg",

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from featstack import backbones as bb
-from featstack.extract import extract
+from featstack.extract import ExtractConfig, extract
 from featstack.store import read_entry
 
 from conftest import ROOT
@@ -29,11 +29,11 @@ from pathlib import Path
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from conftest import make_weights_dir
 from featstack import backbones as bb
-from featstack.extract import extract
+from featstack.extract import ExtractConfig, extract
 data, work, names, size = Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4].split(","), int(sys.argv[5])
 weights = make_weights_dir(work / "weights", names, size)
-summary = extract(data, backbones=names, weights=str(weights), image_size=size, features_dir=work / "features",
-                  batch_size=5, progress=False)
+summary = extract(ExtractConfig(data, backbones=names, weights=str(weights), image_size=size,
+                                features_dir=work / "features", batch_size=5, progress=False))
 random_entry = bb.resolve(names[:1], weights="random", image_size=size)[0].entry
 print(json.dumps({"files": [j.writer.final.name for j in summary.jobs], "random_entry": random_entry}))
 """
@@ -47,8 +47,8 @@ def test_tensorflow_and_jax_features_agree_and_share_the_cache_entry(tmp_path, c
     tf_side = json.loads(proc.stdout.strip().splitlines()[-1])
     weights = tmp_path / "weights"
 
-    ours = extract(cats_dogs, backbones=NAMES, weights=str(weights), image_size=SIZE,
-                   features_dir=tmp_path / "jax_features", batch_size=5, progress=False)
+    ours = extract(ExtractConfig(cats_dogs, backbones=NAMES, weights=str(weights), image_size=SIZE,
+                                 features_dir=tmp_path / "jax_features", batch_size=5, progress=False))
     assert [j.writer.final.name for j in ours.jobs] == tf_side["files"]  # same identity, same file name
     for job in ours.jobs:
         mine = read_entry(job.writer.final)
@@ -59,8 +59,8 @@ def test_tensorflow_and_jax_features_agree_and_share_the_cache_entry(tmp_path, c
         assert err.max() <= 1e-4, (job.backbone.name, err.max())  # float32 noise, not a different model
 
     # So a JAX run reuses TensorFlow's features from the same weights file instead of extracting again...
-    reused = extract(cats_dogs, backbones=NAMES, weights=str(weights), image_size=SIZE,
-                     features_dir=tmp_path / "features", batch_size=5, progress=False)
+    reused = extract(ExtractConfig(cats_dogs, backbones=NAMES, weights=str(weights), image_size=SIZE,
+                                   features_dir=tmp_path / "features", batch_size=5, progress=False))
     assert [(j.extracted, j.cached) for j in reused.jobs] == [(0, 16)] * len(NAMES)
     # ...while random weights are drawn by each backend's own generator: a different entry.
     assert bb.resolve(NAMES[:1], weights="random", image_size=SIZE)[0].entry != tf_side["random_entry"]

@@ -11,7 +11,7 @@ import pytest
 from filelock import FileLock
 
 from featstack.errors import FeatstackError
-from featstack.extract import extract
+from featstack.extract import ExtractConfig, extract
 from featstack.paths import DatasetPaths
 from featstack.store import read_entry
 
@@ -33,23 +33,23 @@ def entry_of(summary, k=0):
 
 
 def test_every_image_once_then_from_cache(tmp_path, cats_dogs):
-    first = extract(cats_dogs, features_dir=tmp_path, backbones=["resnet50", "vgg16"], weights="random",
-                    image_size=75, progress=False)
+    first = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, backbones=["resnet50", "vgg16"], weights="random",
+                                  image_size=75, progress=False))
     assert [j.extracted for j in first.jobs] == [16, 16]
     split = pd.read_csv(first.paths.split_csv, dtype=str)
     assert sorted(split.id) == sorted(entry_of(first).ids) == sorted(entry_of(first, 1).ids)
     assert set(split.split) == {"train", "holdout", "test"}
-    again = extract(cats_dogs, features_dir=tmp_path, backbones=["resnet50", "vgg16"], weights="random",
-                    image_size=75, progress=False)
+    again = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, backbones=["resnet50", "vgg16"], weights="random",
+                                  image_size=75, progress=False))
     assert [j.extracted for j in again.jobs] == [0, 0] and [j.cached for j in again.jobs] == [16, 16]
     assert all(j.backbone.model is None for j in again.jobs), "a fully cached rerun must not build models"
     assert np.array_equal(entry_of(again).features, entry_of(first).features)
 
 
 def test_other_configuration_is_a_new_entry(tmp_path, cats_dogs):
-    a = extract(cats_dogs, features_dir=tmp_path, **FAST)
-    b = extract(cats_dogs, features_dir=tmp_path, **{**FAST, "pooling": "max"})
-    c = extract(cats_dogs, features_dir=tmp_path, **{**FAST, "tta": "flip"})
+    a = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, **FAST))
+    b = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, **{**FAST, "pooling": "max"}))
+    c = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, **{**FAST, "tta": "flip"}))
     files = {j.writer.final for s in (a, b, c) for j in s.jobs}
     assert len(files) == 3 and all(f.exists() for f in files)
     assert entry_of(b).attrs["pooling"] == "max" and entry_of(c).attrs["tta"] == "flip"
@@ -57,25 +57,25 @@ def test_other_configuration_is_a_new_entry(tmp_path, cats_dogs):
 
 
 def test_incremental_append_keeps_split(tmp_path, cats_dogs):
-    first = extract(cats_dogs, features_dir=tmp_path, **FAST)
+    first = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, **FAST))
     split_before = pd.read_csv(first.paths.split_csv, dtype=str)
     write_images(cats_dogs / "train", ["cat.6.jpg", "dog.6.jpg"], start_seed=77)
-    second = extract(cats_dogs, features_dir=tmp_path, **FAST)
+    second = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, **FAST))
     assert second.jobs[0].extracted == 2 and second.jobs[0].cached == 16
     entry = entry_of(second)
     assert len(entry.ids) == 18 and {"cat.6", "dog.6"} <= set(entry.ids)
     split_after = pd.read_csv(first.paths.split_csv, dtype=str)
     assert split_after.iloc[:16].equals(split_before)
-    fresh = extract(cats_dogs, features_dir=tmp_path / "fresh", **FAST)
+    fresh = extract(ExtractConfig(cats_dogs, features_dir=tmp_path / "fresh", **FAST))
     order = {i: k for k, i in enumerate(entry_of(fresh).ids)}
     np.testing.assert_allclose(entry.features, entry_of(fresh).features[[order[i] for i in entry.ids]],
                                rtol=1e-5, atol=1e-6)
 
 
 def test_other_split_is_refused(tmp_path, cats_dogs):
-    extract(cats_dogs, features_dir=tmp_path, **FAST)
+    extract(ExtractConfig(cats_dogs, features_dir=tmp_path, **FAST))
     with pytest.raises(FeatstackError, match=r"made with --holdout 0.1 --seed 0; this run asks for --holdout 0.2"):
-        extract(cats_dogs, features_dir=tmp_path, holdout=0.2, **FAST)
+        extract(ExtractConfig(cats_dogs, features_dir=tmp_path, holdout=0.2, **FAST))
 
 
 def test_bad_images_are_reported_not_fatal(tmp_path, cats_dogs):
@@ -105,6 +105,26 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path, cats_dogs, args, ma
     err = proc.stderr.strip().splitlines()[-1]
     assert err.startswith("error: ") and __import__("re").search(match, err), err
     assert not list((tmp_path / "f").rglob("*.h5")) and not list((tmp_path / "f").rglob("split.csv"))
+
+
+def test_command_line_builds_every_field_of_the_run_configuration():
+    """Each extract_features.py option lands in its ExtractConfig field: none is dropped or left at its default."""
+    from dataclasses import fields
+
+    from featstack.commands.extract import build_config, parse_args
+    argv = ["--data", "d", "--layout", "folders", "--backbones", "vgg16, resnet50", "--weights", "random",
+            "--preprocess", "tf", "--image-size", "64", "--pooling", "max", "--tta", "flip", "--features-dir", "fd",
+            "--name", "n", "--holdout", "0.2", "--seed", "3", "--batch-size", "auto", "--precision", "bf16",
+            "--decode-threads", "5", "--demo", "--engine", "ray", "--ray-address", "h:1", "--ray-actors", "2",
+            "--ray-decode-cpus", "0.5", "--shard-rows", "7", "--no-progress"]
+    config = build_config(parse_args(argv))
+    assert config == ExtractConfig(
+        data="d", layout="folders", backbones=["vgg16", "resnet50"], weights="random", preprocess="tf", image_size=64,
+        pooling="max", tta="flip", features_dir="fd", name="n", holdout=0.2, seed=3, batch_size="auto",
+        precision="bf16", decode_threads=5, demo=True, engine="ray", ray_address="h:1",
+        ray_options={"actors": 2, "decode_cpus": 0.5}, shard_rows=7, progress=False)
+    default = ExtractConfig()
+    assert all(getattr(config, f.name) != getattr(default, f.name) for f in fields(ExtractConfig))
 
 
 def test_second_writer_fails_at_once(tmp_path, cats_dogs):
@@ -146,14 +166,14 @@ def test_kill_9_then_resume_gives_uninterrupted_features(tmp_path):
 
 def test_every_layout_extracts(tmp_path, dog_breed, folders, manifest):
     for data in (dog_breed, folders, manifest):
-        s = extract(data, features_dir=tmp_path, holdout=0, **FAST)
+        s = extract(ExtractConfig(data, features_dir=tmp_path, holdout=0, **FAST))
         assert len(entry_of(s).ids) == s.images
 
 
 def test_real_kaggle_photos(tmp_path, shared_data):
     data = shared_data / "dogs-vs-cats-sample"
-    s = extract(data, features_dir=tmp_path, backbones=["resnet50"], weights="random", image_size=75,
-                batch_size=64, progress=False)
+    s = extract(ExtractConfig(data, features_dir=tmp_path, backbones=["resnet50"], weights="random", image_size=75,
+                              batch_size=64, progress=False))
     entry = entry_of(s)
     assert len(entry.ids) == 800 and len(s.bad) == 0
     split = pd.read_csv(s.paths.split_csv, dtype=str)
@@ -166,8 +186,8 @@ def test_bf16_features_stay_close_to_float32(tmp_path, cats_dogs):
     from conftest import make_weights_dir
     weights = make_weights_dir(tmp_path / "w", ["resnet50"], 64)
     common = dict(backbones=["resnet50"], weights=str(weights), image_size=64, progress=False)
-    f32 = extract(cats_dogs, features_dir=tmp_path / "f", **common)
-    bf16 = extract(cats_dogs, features_dir=tmp_path / "f", precision="bf16", **common)
+    f32 = extract(ExtractConfig(cats_dogs, features_dir=tmp_path / "f", **common))
+    bf16 = extract(ExtractConfig(cats_dogs, features_dir=tmp_path / "f", precision="bf16", **common))
     a, b = entry_of(f32), entry_of(bf16)
     assert a.path != b.path and b.attrs["precision"] == "bf16"  # its own cache entry
     assert b.features.dtype == np.float32 and list(a.ids) == list(b.ids)

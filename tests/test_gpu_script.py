@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from featstack import backbones as bb
-from featstack.extract import extract
+from featstack.extract import ExtractConfig, extract
 from featstack.layouts import read_layout
 from featstack.store import read_entry
 
@@ -51,9 +51,10 @@ def test_short_batch_is_padded_to_one_shape_without_changing_its_features(tta, m
 
 def test_extract_feeds_one_batch_shape_and_stores_what_one_big_batch_stores(tmp_path, cats_dogs, model_shapes):
     common = dict(backbones=["vgg16"], weights="random", image_size=32, progress=False)
-    one_batch = extract(cats_dogs, features_dir=tmp_path / "a", batch_size=16, **common)  # 16 images
+    one_batch = extract(ExtractConfig(cats_dogs, features_dir=tmp_path / "a", batch_size=16, **common))  # 16 images
     model_shapes.clear()
-    padded = extract(cats_dogs, features_dir=tmp_path / "b", batch_size=5, **common)  # 5, 5, 5, then 1 padded to 5
+    # 5, 5, 5, then 1 padded to 5
+    padded = extract(ExtractConfig(cats_dogs, features_dir=tmp_path / "b", batch_size=5, **common))
     assert set(model_shapes) == {(5, 32, 32, 3)} and len(model_shapes) == 4
     a, b = read_entry(one_batch.jobs[0].writer.final), read_entry(padded.jobs[0].writer.final)
     assert sorted(a.ids) == sorted(b.ids) and len(b.ids) == 16

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from featstack.errors import FeatstackError
-from featstack.extract import extract
+from featstack.extract import ExtractConfig, extract
 from featstack.layouts import describe, read_layout, scan_images
 from featstack.paths import DatasetPaths
 from featstack.predict import expand, predict
@@ -81,7 +81,7 @@ def test_single_class_datasets_are_refused(tmp_path, make, match):
 def test_detection_summary_is_printed_before_the_long_work(cats_dogs, tmp_path, capsys):
     write_images(cats_dogs / "train", ["cat.914 é.jpg"], start_seed=77)
     with pytest.raises(FeatstackError, match="unknown backbone 'nosuch'"):  # fails before any model is built
-        extract(cats_dogs, backbones=["nosuch"], features_dir=tmp_path / "f", progress=False)
+        extract(ExtractConfig(cats_dogs, backbones=["nosuch"], features_dir=tmp_path / "f", progress=False))
     out = capsys.readouterr().out
     assert "layout: cats-dogs (detected)" in out and "classes: 2 (cat, dog)" in out
     assert "left out: 1 file named like images, with the reason" in out and "train/cat.914 é.jpg" in out
@@ -95,7 +95,7 @@ def _add_unreadable(folder):
 
 def test_unreadable_images_are_listed_in_bad_images_csv(cats_dogs, tmp_path):
     _add_unreadable(cats_dogs / "train")
-    s = extract(cats_dogs, features_dir=tmp_path / "f", holdout=0, **TINY)
+    s = extract(ExtractConfig(cats_dogs, features_dir=tmp_path / "f", holdout=0, **TINY))
     bad = pd.read_csv(s.paths.bad_images_csv).set_index("id")["reason"].to_dict()
     assert bad == {"cat.90": f"file not found (dangling link to {cats_dogs / 'train' / 'gone.jpg'})",
                    "dog.90": "not a regular file (a named pipe)"}
@@ -145,7 +145,8 @@ def test_stanford_dogs_listed_image_missing_is_refused(stanford_dogs):
 
 
 def test_stanford_dogs_end_to_end_shows_plain_breed_names(stanford_dogs, tmp_path):
-    s = extract(stanford_dogs, features_dir=tmp_path / "f", **TINY)  # --holdout 0.1 (default) applies to nothing
+    # --holdout 0.1 (default) applies to nothing
+    s = extract(ExtractConfig(stanford_dogs, features_dir=tmp_path / "f", **TINY))
     split = read_split(s.paths)
     official = {f"Images/{f}" for f in _mat_files(stanford_dogs / "lists" / "test_list.mat")}
     assert set(split.loc[split.split == "holdout", "id"]) == official

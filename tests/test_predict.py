@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from featstack.errors import FeatstackError
-from featstack.extract import extract
+from featstack.extract import ExtractConfig, extract
 from featstack.predict import Predictor
 from featstack.stack import run_stack
 
@@ -58,8 +58,8 @@ def test_folder_argument_means_every_image(demo):
 
 def test_refuses_other_weights(tmp_path, cats_dogs):
     weights = make_weights_dir(tmp_path / "w", ["resnet50"], 32)
-    s = extract(cats_dogs, backbones=["resnet50"], weights=str(weights), image_size=32, features_dir=tmp_path / "f",
-                holdout=0, progress=False)
+    s = extract(ExtractConfig(cats_dogs, backbones=["resnet50"], weights=str(weights), image_size=32,
+                              features_dir=tmp_path / "f", holdout=0, progress=False))
     run = run_stack(s.paths.root, folds=2, models_dir=tmp_path / "m")
     Predictor(run)  # the same weights: accepted
     file = next(weights.iterdir())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from featstack.errors import FeatstackError
-from featstack.extract import extract
+from featstack.extract import ExtractConfig, extract
 from featstack.paths import DatasetPaths
 from featstack.store import read_entry
 
@@ -47,11 +47,11 @@ def assert_same_store(a_root, b_root, n):
 
 
 def test_ray_matches_local_engine(tmp_path, forty, local_ray):
-    r = extract(forty, features_dir=tmp_path / "ray", engine="ray", batch_size=8, **ARGS)
-    extract(forty, features_dir=tmp_path / "local", **ARGS)
+    r = extract(ExtractConfig(forty, features_dir=tmp_path / "ray", engine="ray", batch_size=8, **ARGS))
+    extract(ExtractConfig(forty, features_dir=tmp_path / "local", **ARGS))
     assert sorted(r.bad.id) == ["dog.99"]
     assert_same_store(r.paths.root, tmp_path / "local" / "forty", 40)
-    again = extract(forty, features_dir=tmp_path / "ray", engine="ray", **ARGS)
+    again = extract(ExtractConfig(forty, features_dir=tmp_path / "ray", engine="ray", **ARGS))
     assert [j.extracted for j in again.jobs] == [0, 0]  # ids in the store are not sent to the cluster
 
 
@@ -69,20 +69,20 @@ def test_killed_ray_run_resumes(tmp_path, forty, local_ray):
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
     assert not list(paths.root.glob("*.h5")), "killed before the merge: only shards exist"
-    resumed = extract(forty, features_dir=tmp_path / "ray", engine="ray", batch_size=8, **ARGS)
+    resumed = extract(ExtractConfig(forty, features_dir=tmp_path / "ray", engine="ray", batch_size=8, **ARGS))
     assert 0 < sum(j.cached for j in resumed.jobs)
-    extract(forty, features_dir=tmp_path / "local", **ARGS)
+    extract(ExtractConfig(forty, features_dir=tmp_path / "local", **ARGS))
     assert_same_store(paths.root, tmp_path / "local" / "forty", 40)
 
 
 def test_missing_ray_is_a_clear_error(tmp_path, forty, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # what an install without the extra looks like
     with pytest.raises(FeatstackError, match=r'--engine ray needs Ray, an optional extra: pip install "ray\[data\]"'):
-        extract(forty, features_dir=tmp_path, engine="ray", **ARGS)
+        extract(ExtractConfig(forty, features_dir=tmp_path, engine="ray", **ARGS))
 
 
 def test_unreachable_address_is_a_clear_error(tmp_path, forty):
     if ray.is_initialized():
         ray.shutdown()
     with pytest.raises(FeatstackError, match=r"--ray-address 127\.0\.0\.1:1: cannot connect .*ray start --head"):
-        extract(forty, features_dir=tmp_path, engine="ray", ray_address="127.0.0.1:1", **ARGS)
+        extract(ExtractConfig(forty, features_dir=tmp_path, engine="ray", ray_address="127.0.0.1:1", **ARGS))

@@ -116,12 +116,12 @@ def test_hidden_folders_of_runs_being_written_are_not_runs(tmp_path, store):
 
 def test_undecodable_images_are_left_out_and_test_rows_get_class_frequencies(tmp_path, cats_dogs, capsys):
     """The user's story: extraction lists two undecodable photos in bad_images.csv; stack.py must still run."""
-    from featstack.extract import extract
+    from featstack.extract import ExtractConfig, extract
 
     (cats_dogs / "train" / "cat.99.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
     (cats_dogs / "test1" / "99.jpg").write_bytes(b"")
-    s = extract(cats_dogs, backbones=["vgg16"], weights="random", image_size=32, features_dir=tmp_path / "f",
-                holdout=0, progress=False)
+    s = extract(ExtractConfig(cats_dogs, backbones=["vgg16"], weights="random", image_size=32,
+                              features_dir=tmp_path / "f", holdout=0, progress=False))
     assert sorted(pd.read_csv(s.paths.bad_images_csv, dtype=str).id) == ["99", "cat.99"]
     capsys.readouterr()
     run = run_stack(s.paths.root, folds=2, models_dir=tmp_path / "m")

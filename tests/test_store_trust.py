@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from featstack.errors import FeatstackError
-from featstack.extract import extract
+from featstack.extract import ExtractConfig, extract
 from featstack.paths import DatasetPaths
 from featstack.split import assign_holdout
 from featstack.store import EntryWriter, read_entry, remove_stray_tmp
@@ -39,7 +39,7 @@ def clean(tmp_path_factory):
     """One uninterrupted extraction: the reference every interrupted or repaired store must equal."""
     base = tmp_path_factory.mktemp("clean")
     data = make_data(base / "data")
-    summary = extract(data, features_dir=base / "f", **RUN)
+    summary = extract(ExtractConfig(data, features_dir=base / "f", **RUN))
     entry = read_entry(summary.jobs[0].writer.final)
     return {"data": data, "root": summary.paths.root, "file": summary.jobs[0].writer.final.name,
             "features": dict(zip(entry.ids, entry.features))}
@@ -87,7 +87,7 @@ def test_kill_between_merge_rename_and_shard_deletion_then_rerun_equals_clean(tm
     paths = DatasetPaths.of(tmp_path / "f", "cd")
     final = paths.root / clean["file"]
     assert final.exists() and list(paths.root.glob(".shards/*/*.h5")), "killed after the rename, before the deletion"
-    summary = extract(data, features_dir=tmp_path / "f", **RUN)
+    summary = extract(ExtractConfig(data, features_dir=tmp_path / "f", **RUN))
     assert summary.jobs[0].stored == 16 and summary.jobs[0].extracted == 0
     assert_equals_clean(final, clean)
     assert not list(paths.root.glob(".shards/*/*.h5")), "the absorbed shards are deleted, not merged again"
@@ -160,9 +160,9 @@ def test_a_store_holding_duplicate_ids_is_repaired_or_refused(tmp_path, clean, c
     if differ:
         with pytest.raises(FeatstackError, match=rf"{final}: id '{old.ids[3]}' is stored twice with different "
                                                  r"features.*rebuild with: python extract_features.py --data"):
-            extract(data, features_dir=tmp_path / "f", **RUN)
+            extract(ExtractConfig(data, features_dir=tmp_path / "f", **RUN))
         return
-    summary = extract(data, features_dir=tmp_path / "f", **RUN)
+    summary = extract(ExtractConfig(data, features_dir=tmp_path / "f", **RUN))
     warning = [l for l in capsys.readouterr().err.splitlines() if "duplicate" in l]
     assert warning == [f"warning: {final}: dropped 16 duplicate rows (identical copies of stored ids, left by an "
                        "interrupted merge)"]
@@ -185,7 +185,7 @@ def test_zeroed_bytes_in_a_feature_chunk_fail_on_read_and_extraction_rebuilds(tm
                                              rf"{tmp_path / 'f'} --name cd --backbones vgg16 --weights random "
                                              r"--image-size 32 \(the run moves the damaged file aside\)$"):
         read_entry(final)
-    summary = extract(data, features_dir=tmp_path / "f", **RUN)
+    summary = extract(ExtractConfig(data, features_dir=tmp_path / "f", **RUN))
     moved = [l for l in capsys.readouterr().err.splitlines() if "moved aside" in l]
     assert len(moved) == 1 and moved[0].startswith(f"{final}: damaged feature file")
     assert (paths.root / (clean["file"] + ".corrupt")).exists()
@@ -226,11 +226,11 @@ def test_full_disk_is_one_line_and_the_rerun_equals_clean(tmp_path, clean, monke
     folder = paths.root / ".shards" / clean["file"][:-3] if where == "shard" else paths.root
     with pytest.raises(FeatstackError, match=rf"^{folder}: no space left on device while writing .*h5 "
                                              r"\(nothing half-written is kept\); free space there and rerun"):
-        extract(data, features_dir=tmp_path / "f", **RUN)
+        extract(ExtractConfig(data, features_dir=tmp_path / "f", **RUN))
     assert not list(paths.root.rglob(".*.tmp*")), "nothing half-written"
     assert not (paths.root / clean["file"]).exists()
     monkeypatch.setattr(os, "write", real_write)
-    summary = extract(data, features_dir=tmp_path / "f", **RUN)
+    summary = extract(ExtractConfig(data, features_dir=tmp_path / "f", **RUN))
     assert summary.jobs[0].extracted == (16 if where == "shard" else 0)  # finished shards are kept
     assert_equals_clean(paths.root / clean["file"], clean)
 
@@ -277,7 +277,7 @@ def test_full_tmpfs_while_writing_shards_then_rerun_with_space(tmp_path, clean, 
     mount_with(3 * 4 + (clean["root"] / clean["file"]).stat().st_size // 2048)
     root = mount / "cd"
     with pytest.raises(FeatstackError, match=rf"^{root}/.shards/.*: no space left on device while writing"):
-        extract(data, features_dir=mount, **RUN)
+        extract(ExtractConfig(data, features_dir=mount, **RUN))
     assert not list(root.rglob(".*.tmp*")) and not list(root.glob("*.h5"))
     # A process that hits the full disk exits with its one line (HDF5 left to itself crashes at exit).
     proc = subprocess.run([sys.executable, "-c", FILL_DISK, str(mount / "other")], capture_output=True, text=True,
@@ -286,7 +286,7 @@ def test_full_tmpfs_while_writing_shards_then_rerun_with_space(tmp_path, clean, 
         f"error: {mount}/other/.shards/e: no space left on device while writing "
         + proc.stderr.split("while writing ")[-1].strip()], proc.stderr[-2000:]
     mount_with(4096, remount=True)
-    summary = extract(data, features_dir=mount, **RUN)
+    summary = extract(ExtractConfig(data, features_dir=mount, **RUN))
     assert 0 < summary.jobs[0].cached < 16, "the shards written before the disk filled are kept"
     assert_equals_clean(root / clean["file"], clean)
 
@@ -348,7 +348,7 @@ def test_stray_tmp_files_are_removed_when_the_next_run_starts(tmp_path, clean):
               paths.root / ".split.csv.tmp4242"]
     for stray in strays:
         stray.write_bytes(b"half a file")
-    summary = extract(data, features_dir=tmp_path / "f", **RUN)
+    summary = extract(ExtractConfig(data, features_dir=tmp_path / "f", **RUN))
     assert summary.jobs[0].extracted == 0 and not any(s.exists() for s in strays)
     assert_equals_clean(paths.root / clean["file"], clean)
 
@@ -357,14 +357,14 @@ def test_bad_images_csv_follows_the_table_also_on_fully_cached_reruns(tmp_path, 
     data, paths = copy_store(clean, tmp_path)
     (data / "train" / "cat.7.jpg").write_text("not an image at all")
     (data / "train" / "dog.7.jpg").write_bytes(b"")
-    first = extract(data, features_dir=tmp_path / "f", **RUN)
+    first = extract(ExtractConfig(data, features_dir=tmp_path / "f", **RUN))
     assert sorted(first.bad.id) == ["cat.7", "dog.7"]
-    again = extract(data, features_dir=tmp_path / "f", **RUN)
+    again = extract(ExtractConfig(data, features_dir=tmp_path / "f", **RUN))
     assert again.jobs[0].backbone.model is None, "known bad images alone do not build the models again"
     assert sorted(pd.read_csv(paths.bad_images_csv).id) == ["cat.7", "dog.7"]
     write_images(data / "train", ["dog.7.jpg"], start_seed=7, size=(40, 32))  # the user fixes one
-    fixed = extract(data, features_dir=tmp_path / "f", **RUN)
+    fixed = extract(ExtractConfig(data, features_dir=tmp_path / "f", **RUN))
     assert fixed.jobs[0].extracted == 1 and list(pd.read_csv(paths.bad_images_csv).id) == ["cat.7"]
     (data / "train" / "cat.7.jpg").unlink()  # and deletes the other: a fully cached run
-    cached = extract(data, features_dir=tmp_path / "f", **RUN)
+    cached = extract(ExtractConfig(data, features_dir=tmp_path / "f", **RUN))
     assert cached.jobs[0].extracted == 0 and len(pd.read_csv(paths.bad_images_csv)) == 0

@@ -50,17 +50,23 @@ def parse_args(argv=None, prog=None):
     return parse_command(p, argv)
 
 
+def build_config(a: argparse.Namespace):
+    """The run configuration the parsed command line asks for."""
+    from ..extract import ExtractConfig
+    return ExtractConfig(
+        data=a.data, layout=a.layout, backbones=comma_list(a.backbones), weights=a.weights, preprocess=a.preprocess,
+        image_size=a.image_size, pooling=a.pooling, tta=a.tta, features_dir=a.features_dir, name=a.name,
+        holdout=a.holdout, seed=a.seed, batch_size=a.batch_size, precision=a.precision,
+        decode_threads=a.decode_threads, demo=a.demo, engine=a.engine, ray_address=a.ray_address,
+        ray_options={"actors": a.ray_actors, "decode_cpus": a.ray_decode_cpus}, shard_rows=a.shard_rows,
+        progress=not a.no_progress)
+
+
 def main(argv=None, prog=None):
     a = parse_args(argv, prog)
     from ..extract import extract
-    summary = run_main(extract, a.data, layout=a.layout, backbones=comma_list(a.backbones), weights=a.weights,
-             preprocess=a.preprocess, image_size=a.image_size, pooling=a.pooling, tta=a.tta,
-             features_dir=a.features_dir, name=a.name, holdout=a.holdout, seed=a.seed, batch_size=a.batch_size,
-             precision=a.precision, decode_threads=a.decode_threads, demo=a.demo, engine=a.engine,
-             ray_address=a.ray_address, ray_options={"actors": a.ray_actors, "decode_cpus": a.ray_decode_cpus},
-             shard_rows=a.shard_rows, progress=not a.no_progress)
+    summary = run_main(extract, build_config(a))
     if a.summary_json:
         import json
         with open(a.summary_json, "w") as f:
             json.dump(summary.as_dict(), f, indent=2)
-
