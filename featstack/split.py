@@ -94,8 +94,8 @@ def reconcile(saved: pd.DataFrame, table: pd.DataFrame, holdout: float, seed: in
     old_label = dict(zip(saved["id"], saved["label"]))
     old_split = dict(zip(saved["id"], saved["split"]))
     known = table["id"].isin(old_split)
-    changed = [(i, old_label[i], new) for i, new in zip(table.loc[known, "id"], table.loc[known, "label"])
-               if old_label[i] != new]
+    now = [None if pd.isna(l) else l for l in table.loc[known, "label"]]
+    changed = [(i, old_label[i], new) for i, new in zip(table.loc[known, "id"], now) if old_label[i] != new]
     # Saved splits hold where the layout fixes none, and for labelled ids that were labelled before (relabelled
     # ids keep their side too); an id that gained a label joins as a new one, one that lost it becomes test.
     keep = known & table["split"].isna() & table["label"].notna()
