@@ -54,6 +54,27 @@ REGISTRY: dict[str, BackboneSpec] = {
 DEFAULT_BACKBONES = ("xception", "inception_v3", "resnet50", "vgg16")
 
 
+def identity_of(attrs: dict) -> dict:
+    """The identity (see Backbone.identity) a feature file's recorded attributes describe."""
+    ident = {k: attrs.get(k) for k in ("backbone", "input_size", "preprocess", "pooling", "tta", "precision",
+                                        "weights")}
+    if attrs.get("weights") == "random":
+        ident["weights_seed"] = attrs.get("weights_seed")
+        ident["keras_backend"] = attrs.get("keras_backend")
+    elif attrs.get("weights") == "imagenet":
+        ident["weights_file"] = Path(str(attrs.get("weights_file"))).name
+    else:
+        ident["weights_sha256"] = attrs.get("weights_sha256")
+    if attrs.get("layer"):
+        ident["layer"] = attrs["layer"]
+    return ident
+
+
+def identity_digest(ident: dict) -> str:
+    """The digest that ends a cache entry's file name: two identities share a file only if it is equal."""
+    return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def keras_cache_dir() -> Path:
     """Where keras.utils.get_file keeps downloaded weights (cache_subdir="models")."""
     return Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
@@ -122,7 +143,7 @@ class Backbone:
     @property
     def entry(self) -> str:
         """The cache entry's file stem: readable parts, then a digest of the whole identity."""
-        digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+        digest = identity_digest(self.identity())
         tag = {"random": f"random{self.seed}"}.get(self.weights, self.weights)
         tta = "_flip" if self.tta == "flip" else ""
         return f"{safe_name(self.name)}_{self.input_size}_{self.pooling}{tta}_{tag}_{digest}"

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from .layouts import class_order
 from .split import write_atomic
 
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -36,7 +37,7 @@ def write_demo(folder: Path) -> Path:
     labels = pd.DataFrame({"id": train_ids, "breed": [CLASS_NAMES[y] for y, t in zip(digits.target, is_test) if not t]})
     write_atomic(folder / "labels.csv", lambda p: labels.to_csv(p, index=False))
     test_ids = [i for i, t in zip(ids, is_test) if t]
-    classes = sorted(CLASS_NAMES)
+    classes = class_order(CLASS_NAMES)
     sample = pd.DataFrame(1 / len(classes), index=pd.Index(test_ids, name="id"), columns=classes).reset_index()
     write_atomic(folder / "sample_submission.csv", lambda p: sample.to_csv(p, index=False))
     print(f"demo competition written to {folder}: {len(train_ids)} labelled, {len(test_ids)} test images, 10 classes")

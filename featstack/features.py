@@ -9,6 +9,7 @@ import pandas as pd
 from filelock import FileLock, Timeout
 
 from .errors import FeatstackError
+from .layouts import class_order
 from .paths import DatasetPaths
 from .split import read_dataset_meta, read_split
 from .store import read_attrs, read_entry
@@ -50,7 +51,7 @@ class FeatureSet:
 
     @property
     def classes(self) -> list[str]:
-        return sorted({l for l in self.labels if l is not None})
+        return class_order(self.labels)
 
     @property
     def matrix(self) -> np.ndarray:

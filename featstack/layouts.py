@@ -17,6 +17,35 @@ CATS_DOGS_NAME = re.compile(r"^(cat|dog)\.\d+$")
 WORDNET_FOLDER = re.compile(r"^n\d{8}-(.+)$")  # Stanford Dogs / ImageNet: n02085620-Chihuahua
 TEST_FOLDERS = ("test", "test1")
 STANFORD_LISTS = ("train_list.mat", "test_list.mat")
+_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+          "seventeen eighteen nineteen").split()
+_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+NUMBER_WORDS = {w: k for k, w in enumerate(_UNITS)} | {w: 20 + 10 * k for k, w in enumerate(_TENS)}
+
+
+def _number_value(name: str) -> float | None:
+    """The number a class name spells ("seven", "Twenty-one", "3", "2.5"), or None when it is not one."""
+    text = str(name).strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    words = re.split(r"[-_ ]+", text)
+    if len(words) == 1 and words[0] in NUMBER_WORDS:
+        return float(NUMBER_WORDS[words[0]])
+    if len(words) == 2 and words[0] in _TENS and words[1] in _UNITS[1:10]:  # twenty-one ... ninety-nine
+        return float(NUMBER_WORDS[words[0]] + NUMBER_WORDS[words[1]])
+    return None
+
+
+def class_order(labels) -> list[str]:
+    """The one order of a dataset's classes (dataset.json, CSV columns, charts): by number when every class name is
+    a number or a number word (zero, one, ..., nine: the demo's digits), else alphabetical."""
+    classes = sorted({str(l) for l in labels if l is not None and not (isinstance(l, float) and l != l)})
+    values = [_number_value(c) for c in classes]
+    if classes and all(v is not None for v in values):
+        return [c for _, c in sorted(zip(values, classes))]
+    return classes
 
 
 def scan_images(data: Path) -> list[str]:
@@ -339,7 +368,7 @@ def describe(table: pd.DataFrame, holdout: float | None = None, examples: int = 
     attrs = table.attrs
     how = "detected" if attrs.get("detected") else "as asked with --layout"
     lines = [f"layout: {attrs.get('layout', '?')} ({how})"]
-    classes = sorted(table["label"].dropna().unique())
+    classes = class_order(table["label"].dropna())
     shown = ", ".join(classes[:5]) + (f", ... ({len(classes) - 5} more)" if len(classes) > 5 else "")
     lines.append(f"classes: {len(classes)}" + (f" ({shown})" if classes else ""))
     renamed = [(folder, name) for name, folder in attrs.get("class_folders", {}).items() if name != folder]

@@ -12,6 +12,7 @@ from .backbones import Backbone, keras_cache_dir, run_backbones, sha256_of
 from .decode import decode_batch, is_image_file
 from .errors import FeatstackError
 from .stack import newest_run, read_run_json
+from .store import attrs_damage
 
 
 def backbone_from_attrs(attrs: dict) -> Backbone:
@@ -67,10 +68,13 @@ def load_fitted(run: Path, config: dict):
         fitted = joblib.load(path)
         return fitted["estimator"], fitted["classes"]
     except Exception as exc:  # a truncated pickle fails in many ways (EOFError, UnpicklingError, KeyError, ...)
-        rebuild = (f"stack.py --features {config.get('features_dir')} --model {config.get('model')} "
-                   f"--backbones {','.join(config.get('backbones') or [])}")
         raise FeatstackError(f"{path}: damaged or unreadable ({type(exc).__name__}); rebuild the run with: "
-                             f"{rebuild}") from None
+                             f"{rebuild_run_command(config)}") from None
+
+
+def rebuild_run_command(config: dict) -> str:
+    return (f"stack.py --features {config.get('features_dir')} --model {config.get('model')} "
+            f"--backbones {','.join(config.get('backbones') or [])}")
 
 
 class Predictor:
@@ -86,6 +90,10 @@ class Predictor:
         self.backbones = []
         for name in self.config["backbones"]:
             attrs = self.config["feature_files"][name]
+            damage = attrs_damage(attrs.get("file", ""), attrs)
+            if damage:  # what the run records of its features decides how photos are resized and fed
+                raise FeatstackError(f"{config_path}: damaged: the attributes it records for {attrs.get('file')}: "
+                                     f"{damage}; rebuild the run with: {rebuild_run_command(self.config)}")
             b = backbone_from_attrs(attrs)
             check_weights(b, attrs)
             self.backbones.append(b)

@@ -9,10 +9,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from .errors import FeatstackError
+from .layouts import class_order
 from .paths import DatasetPaths
 from .store import disk_full_error, is_disk_full
 
@@ -69,12 +71,63 @@ def _hash_fraction(image_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def place_new(table: pd.DataFrame, new: pd.Series, holdout: float, seed: int) -> pd.Series:
+    """Splits for the new labelled rows ``new`` of a table whose other labelled rows are placed: per class, the
+    holdout is topped up to its share of the class (stratified), taking the new ids in seeded-hash order."""
+    split = table["split"].copy()
+    labelled = table["label"].notna()
+    for label, rows in table[new].groupby("label").groups.items():
+        of_class = labelled & table["label"].eq(label)
+        held = int((of_class & ~new & split.eq("holdout")).sum())
+        wanted = min(len(rows), max(0, round(holdout * int(of_class.sum())) - held))
+        order = sorted(rows, key=lambda r: _hash_fraction(table.at[r, "id"], seed))
+        split[order[:wanted]] = "holdout"
+        split[order[wanted:]] = "train"
+    return split
+
+
+def reconcile(saved: pd.DataFrame, table: pd.DataFrame, holdout: float, seed: int) -> pd.DataFrame:
+    """The layout's table with its split, following the data since split.csv was written: labels as the layout has
+    them now, ids the layout no longer has left out, new ids placed; an unchanged id keeps its split. Prints one
+    line per kind of change."""
+    table = table.copy()
+    old_label = dict(zip(saved["id"], saved["label"]))
+    old_split = dict(zip(saved["id"], saved["split"]))
+    known = table["id"].isin(old_split)
+    now = [None if pd.isna(l) else l for l in table.loc[known, "label"]]
+    changed = [(i, old_label[i], new) for i, new in zip(table.loc[known, "id"], now) if old_label[i] != new]
+    # Saved splits hold where the layout fixes none, and for labelled ids that were labelled before (relabelled
+    # ids keep their side too); an id that gained a label joins as a new one, one that lost it becomes test.
+    keep = known & table["split"].isna() & table["label"].notna()
+    was_labelled = [old_label.get(i) is not None for i in table["id"]]
+    keep &= pd.Series(was_labelled, index=table.index)
+    table.loc[keep, "split"] = [old_split[i] for i in table.loc[keep, "id"]]
+    new = table["split"].isna() & table["label"].notna()
+    table["split"] = place_new(table, new, holdout, seed)
+    table.loc[table["label"].isna(), "split"] = "test"
+    gone = saved.loc[~saved["id"].isin(set(table["id"])), "id"].tolist()
+    if changed:
+        i, before, after = changed[0]
+        print(f"{len(changed)} label{'s' if len(changed) != 1 else ''} changed since the last run (first: {i} "
+              f"{before or '(test)'} → {after or '(test)'}); each keeps its split")
+    if gone:
+        print(f"{len(gone)} image{'s' if len(gone) != 1 else ''} gone since the last run (first: {gone[0]}); "
+              "left out of split.csv (their cached features stay in the store, unused)")
+    added = ~known
+    if added.any():
+        held = int((added & table["split"].eq("holdout")).sum())
+        tests = int((added & table["split"].eq("test")).sum())
+        print(f"{int(added.sum())} new image{'s' if int(added.sum()) != 1 else ''} since the last run: "
+              f"{int(added.sum()) - held - tests} train, {held} holdout (stratified by class), {tests} test")
+    return table
+
+
 @dataclass
 class SplitPlan:
     """The split a run will use, decided in memory: written only once the run can go ahead."""
 
     table: pd.DataFrame  # the run's table with its split column filled
-    saved: pd.DataFrame  # split.csv's rows: every id it held before, then the new ones
+    saved: pd.DataFrame  # split.csv's rows: the ids of the layout now, with their split and label
     meta: dict  # dataset.json
 
     def write(self, paths: DatasetPaths) -> None:
@@ -94,39 +147,36 @@ def resolve_split(paths: DatasetPaths, table: pd.DataFrame, *, holdout: float, s
 
 def plan_split(paths: DatasetPaths, table: pd.DataFrame, *, holdout: float, seed: int, layout: str,
                data: Path) -> SplitPlan:
-    """The table with its split, taken from split.csv when it exists (new ids are placed deterministically)."""
+    """The table with its split: decided on the first run, then reconciled with the layout on every later one."""
     params = {"holdout": holdout, "seed": seed}
+    data_path = str(Path(data).resolve())
     if paths.split_csv.exists() and paths.dataset_json.exists():
         meta = json.loads(paths.dataset_json.read_text())
+        if meta.get("data") and meta["data"] != data_path:
+            raise FeatstackError(
+                f"--name {paths.name}: {paths.root} holds the features of {meta['data']}, not of {data_path}; pass "
+                f"another --name for this folder, or delete {paths.root} to rebuild the store for it")
         old = {k: meta.get(k) for k in params}
         if old != params:
             raise FeatstackError(
                 f"{paths.split_csv} was made with --holdout {old['holdout']} --seed {old['seed']}; this run asks for "
                 f"--holdout {holdout} --seed {seed}. Rerun with the old values, or pass a new --name for a new split")
-        saved = read_split(paths)
-        placed = dict(zip(saved["id"], saved["split"]))
-        table = table.copy()
-        table["split"] = [placed.get(i, s) for i, s in zip(table["id"], table["split"])]
-        new = table["split"].isna() & table["label"].notna()
-        if new.any():
-            # New labelled images join the holdout by a seeded hash of their id: stable, no reshuffle of old rows.
-            table.loc[new, "split"] = ["holdout" if _hash_fraction(i, seed) < holdout else "train"
-                                       for i in table.loc[new, "id"]]
-            print(f"{int(new.sum())} new labelled images placed in the split by seeded hash")
-        table.loc[table["label"].isna(), "split"] = "test"
-        merged = pd.concat([saved, table[~table["id"].isin(saved["id"])][["id", "split", "label"]]], ignore_index=True)
+        table = reconcile(read_split(paths), table, holdout, seed)
     else:
         table = assign_holdout(table, holdout, seed)
-        merged = table[["id", "split", "label"]]
+    # split.csv keeps its row order: the ids it held, then the new ones in the layout's order.
+    position = {i: k for k, i in enumerate(read_split(paths)["id"])} if paths.split_csv.exists() else {}
+    rank = [position.get(i, len(position) + k) for k, i in enumerate(table["id"])]
+    saved = table[["id", "split", "label"]].iloc[np.argsort(rank, kind="stable")].reset_index(drop=True)
     meta = {
-        "name": paths.name, "data": str(Path(data).resolve()), "layout": layout, **params,
-        "classes": sorted(merged["label"].dropna().unique().tolist()),
+        "name": paths.name, "data": data_path, "layout": layout, **params,
+        "classes": class_order(saved["label"].dropna()),
     }
     if table.attrs.get("class_folders"):  # class name -> original folder (WordNet id kept here only)
         meta["class_folders"] = table.attrs["class_folders"]
     sample = Path(data) / "sample_submission.csv"
     meta["sample_submission"] = str(sample.resolve()) if sample.is_file() else None
-    return SplitPlan(table, merged, meta)
+    return SplitPlan(table, saved, meta)
 
 
 def read_split(paths: DatasetPaths) -> pd.DataFrame:

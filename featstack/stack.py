@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import platform
@@ -112,7 +113,7 @@ def run_stack(features: str | Path, *, backbones: list[str] | None = None, model
               "columns": {k: list(v) for k, v in fs.column_ranges.items()}, "classes": classes, "model": model,
               "level2": level2 if model == "stack" else None, "folds": folds, "seed": seed, "C": C,
               "allow_missing": allow_missing, "exclude": excluded, "random_weights": fs.random_weights,
-              "test_ids_class_frequencies": list(fs.unfeatured_test_ids),
+              "test_ids_class_frequencies": list(fs.unfeatured_test_ids), "trained_on": trained_on(fs),
               "params": {k: repr(v) for k, v in estimator.get_params(deep=False).items()},
               "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     _write_run(run, estimator, config, report, fs, classes, train, holdout, test_ids, oof, ho_proba, test_proba,
@@ -126,6 +127,15 @@ def run_stack(features: str | Path, *, backbones: list[str] | None = None, model
     print(f"{seconds:.1f} s")
     print(run.root)
     return run.root
+
+
+def trained_on(fs: FeatureSet) -> dict:
+    """What a run was fitted and scored on: its training rows, and a sha256 of the sorted (id, label) pairs of its
+    training and holdout rows (tab between id and label, one pair a line): runs on other labels differ here."""
+    used = np.isin(fs.split, ["train", "holdout"])
+    pairs = sorted(zip(fs.ids[used], fs.labels[used]))
+    digest = hashlib.sha256("".join(f"{i}\t{l}\n" for i, l in pairs).encode()).hexdigest()
+    return {"rows": int((fs.split == "train").sum()), "labels_sha256": digest}
 
 
 def _say_warnings(caught: list[warnings.WarningMessage]) -> None:

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -22,6 +24,9 @@ COPY_ROWS = 8192  # rows copied per block when merging: bounded memory whatever 
 CHUNK_BYTES = 1 << 20  # feature chunks of whole rows, about 1 MiB: HDF5's default chunk cache holds one
 STR = h5py.string_dtype("utf-8")
 MERGED_SHARDS = "merged_shards"  # names of the shards the last merge absorbed: a rerun deletes them, never re-adds them
+ATTRS_SHA256 = "attrs_sha256"  # checksum of the attributes, stored beside them: HDF5 checks only the chunks
+# Bookkeeping attributes that decide no result (rows is checked against the data itself): not in the checksum.
+UNCHECKED_ATTRS = ("rows", "updated", "created", "extract_seconds", ATTRS_SHA256, "file")
 
 
 def is_disk_full(exc: BaseException | None) -> bool:
@@ -140,6 +145,7 @@ def _write_h5(path: Path, ids: list[str], blocks, width: int, attrs: dict, merge
                 f.attrs.update({k: v for k, v in attrs.items() if v is not None})
                 f.attrs["rows"] = len(ids)
                 f.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+                f.attrs[ATTRS_SHA256] = attrs_checksum(_attrs_of(f))  # of the values as a reader gets them back
             sink.sync()
         finally:
             os.close(fd)
@@ -163,6 +169,58 @@ def _attrs_of(f: h5py.File) -> dict:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
 
 
+def attrs_checksum(attrs: dict) -> str:
+    """sha256 of every attribute that decides a result, as canonical JSON."""
+    decided = {k: v for k, v in attrs.items() if k not in UNCHECKED_ATTRS}
+    return hashlib.sha256(json.dumps(decided, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _name_digest(path: Path) -> str | None:
+    """The identity digest a cache entry's file name ends with (``..._1a2b3c4d``), or None for other names."""
+    match = re.search(r"_([0-9a-f]{8})$", Path(path).stem)
+    return match.group(1) if match else None
+
+
+def attrs_damage(name: str | Path, attrs: dict) -> str | None:
+    """Why a feature file's attributes (or a run's copy of them) cannot be trusted, or None when they verify.
+
+    Checked against the checksum stored beside them; files written before there was one (legacy) are checked
+    against the digest their file name ends with, which covers every attribute that changes the vectors.
+    """
+    stored = attrs.get(ATTRS_SHA256)
+    if stored is not None and stored != attrs_checksum(attrs):
+        return "its attributes do not match their checksum"
+    digest = _name_digest(Path(name))
+    if digest and attrs.get("backbone"):
+        from .backbones import identity_digest, identity_of
+        if identity_digest(identity_of(attrs)) != digest:
+            return "its attributes do not match the digest in its file name"
+    return None
+
+
+def _check_attrs(path: Path, attrs: dict) -> dict:
+    damage = attrs_damage(path, attrs)
+    if damage:
+        raise ValueError(damage)
+    return attrs
+
+
+def _attrs_from_name(path: Path) -> dict:
+    """What a cache entry's name says of it: ``<backbone>_<size>_<pooling>[_flip]_<weights>_<digest>``."""
+    parts = Path(path).stem.split("_")
+    if len(parts) < 5:
+        return {}
+    flip = parts[-3] == "flip"
+    at = len(parts) - (5 if flip else 4)
+    if at < 1 or not parts[at].isdigit():
+        return {}
+    out = {"backbone": "_".join(parts[:at]), "input_size": int(parts[at]), "pooling": parts[at + 1],
+           "tta": "flip" if flip else "none"}
+    if re.fullmatch(r"random\d+", parts[-2]):
+        out["weights"] = "random"
+    return out
+
+
 def rebuild_command(path: Path) -> str:
     """The extract_features.py command line that rebuilds a feature file, as exactly as the store records it."""
     root = path.parent
@@ -181,6 +239,9 @@ def rebuild_command(path: Path) -> str:
             attrs = _attrs_of(f)
     except Exception:
         attrs = {}
+    if attrs and attrs_damage(path, attrs):  # damaged attributes: the file name says what to rebuild
+        named = _attrs_from_name(path)
+        attrs = {**attrs, **named} if named else {}
     if not attrs.get("backbone"):
         return shlex.join(args) + " with the --backbones, --weights and --image-size that made it"
     weights = attrs.get("weights")
@@ -215,18 +276,20 @@ def read_entry(path: str | Path) -> Entry:
         with h5py.File(path, "r") as f:
             ids = np.asarray(f["ids"].asstr()[:], dtype=object)
             features = f["features"][:]
-            attrs = _attrs_of(f)
+            attrs = _check_attrs(path, _attrs_of(f))
     except Exception as exc:
         raise _damaged(path, exc) from None
     if features.ndim != 2 or len(ids) != len(features) or attrs.get("rows") != len(ids):
         raise _damaged(path, ValueError(f"{len(ids)} ids, features {features.shape}, rows={attrs.get('rows')}"))
+    if attrs.get("width") and attrs["width"] != features.shape[1]:
+        raise _damaged(path, ValueError(f"width {attrs['width']} but features of shape {features.shape}"))
     return Entry(path, ids, features, attrs)
 
 
 def read_attrs(path: Path) -> dict:
     try:
         with h5py.File(path, "r") as f:
-            return _attrs_of(f)
+            return _check_attrs(path, _attrs_of(f))
     except Exception as exc:
         raise _damaged(path, exc) from None
 
@@ -239,6 +302,9 @@ def verify(path: Path) -> None:
         ds = f["features"]
         if ds.ndim != 2 or len(ds) != len(ids) or f.attrs.get("rows", len(ids)) != len(ids):
             raise ValueError(f"{len(ids)} ids, features of shape {ds.shape}")
+        attrs = _check_attrs(path, _attrs_of(f))
+        if attrs.get("width") and attrs["width"] != ds.shape[1]:
+            raise ValueError(f"width {attrs['width']} but features of shape {ds.shape}")
         for start in range(0, len(ds), COPY_ROWS):
             ds[start:start + COPY_ROWS]
 
@@ -368,7 +434,8 @@ class EntryWriter:
         shards = self._shard_files()
         by_source = self._ids_by_source()
         masks, dropped = self._keep_masks(by_source)
-        if not shards and not dropped:
+        legacy = self.final.exists() and ATTRS_SHA256 not in read_attrs(self.final)
+        if not shards and not dropped and not legacy:
             return sum(len(ids) for ids in by_source.values())
         if dropped:
             print(f"warning: {self.final}: dropped {dropped} duplicate rows (identical copies of stored ids, left by "

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import FeatstackError
+from .layouts import class_order
 from .paths import SUBMISSIONS_DIR, DatasetPaths
 from .split import is_disk_full, read_split, write_atomic
 from .stack import newest_run, read_run_json
@@ -159,7 +160,7 @@ def build(run: Path, fmt: str = "auto", sample: str | Path | None = None, clip: 
         if fmt == "dog-breed" and sample_frame is not None:
             columns = list(sample_frame.columns)
         else:
-            columns = ["id"] + sorted(classes)
+            columns = ["id"] + class_order(classes)
         missing = [c for c in columns[1:] if c not in classes]
         if missing:
             raise FeatstackError(f"the run has no predictions for columns {_first(missing)} of "

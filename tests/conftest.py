@@ -146,3 +146,14 @@ def stanford_dogs(tmp_path) -> Path:
             "annotation_list": np.array([[f[:-4]] for f in files], dtype=object),
             "labels": np.array([[float(label)] for _, label in entries])})
     return data
+
+
+def set_attrs(path: Path, **changes) -> None:
+    """Give a feature file other attributes, checksum included: a file made that way, not a damaged one."""
+    import h5py
+
+    from featstack.store import ATTRS_SHA256, _attrs_of, attrs_checksum
+
+    with h5py.File(path, "a") as f:
+        f.attrs.update(changes)
+        f.attrs[ATTRS_SHA256] = attrs_checksum(_attrs_of(f))

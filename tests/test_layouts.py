@@ -75,3 +75,40 @@ def test_empty_folder_and_unknown_layout_name(tmp_path):
     (tmp_path / "x" / "a.txt").write_text("a")
     with pytest.raises(FeatstackError, match=r"--layout kaggle: unknown; choose auto or one of dog-breed"):
         read_layout(tmp_path / "x", "kaggle")
+
+
+DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+@pytest.mark.parametrize("names, expected", [
+    (sorted(DIGITS), DIGITS),  # the demo's digits, not eight, five, four, ...
+    (["10", "9", "1", "2.5"], ["1", "2.5", "9", "10"]),
+    (["Twenty-one", "ten", "3", "Nine", "twenty"], ["3", "Nine", "ten", "twenty", "Twenty-one"]),
+    (["ten", "one", "cat"], ["cat", "one", "ten"]),  # not every name is a number: alphabetical
+    (["pug", "beagle", None, "pug"], ["beagle", "pug"]),
+])
+def test_class_order_is_natural_only_for_numbers(names, expected):
+    from featstack.layouts import class_order
+    assert class_order(names) == expected
+
+
+def test_demo_digits_are_in_natural_order_everywhere(demo, tmp_path):
+    import json
+
+    import pandas as pd
+
+    from featstack.submission import build
+
+    meta = json.loads((demo["features"] / "dataset.json").read_text())
+    config = json.loads((demo["run"] / "config.json").read_text())
+    report = json.loads((demo["run"] / "report.json").read_text())
+    assert meta["classes"] == config["classes"] == list(report["holdout"]["per_class"]) == DIGITS
+    for csv in ("test_predictions.csv", "oof_predictions.csv"):
+        assert [c for c in pd.read_csv(demo["run"] / csv, nrows=1).columns if c in DIGITS] == DIGITS
+    assert list(build(demo["run"], fmt="generic")[0].columns) == ["id", *DIGITS]
+    # The dog-breed format follows the competition's sample_submission.csv, whatever its order.
+    sample = pd.read_csv(demo["data"] / "sample_submission.csv", dtype={"id": str})
+    alphabetical = sample[["id", *sorted(DIGITS)]]
+    alphabetical.to_csv(tmp_path / "sample.csv", index=False)
+    assert list(build(demo["run"], fmt="dog-breed", sample=tmp_path / "sample.csv")[0].columns) == list(
+        alphabetical.columns)

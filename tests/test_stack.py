@@ -14,7 +14,7 @@ from featstack.paths import RunPaths
 from featstack.stack import list_runs, run_stack
 from featstack.synthetic import write_synthetic_store
 
-from conftest import ROOT
+from conftest import ROOT, set_attrs
 
 FILES = ["model.joblib", "config.json", "oof_predictions.csv", "holdout_predictions.csv", "test_predictions.csv",
          "report.json", "report.md", "confusion.png"]
@@ -140,8 +140,7 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, store):
 
 def test_refuses_to_mix_configurations(tmp_path, store):
     path = store.entry_file("vgg16_synthetic")
-    with h5py.File(path, "a") as f:
-        f.attrs["pooling"] = "max"
+    set_attrs(path, pooling="max")
     with pytest.raises(FeatstackError, match=r"different pooling: resnet50=avg, vgg16=max"):
         run_stack(store.root, models_dir=tmp_path)
 

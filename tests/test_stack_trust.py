@@ -22,7 +22,7 @@ from featstack.stack import newest_run, run_stack
 from featstack.submission import submit
 from featstack.synthetic import write_synthetic_store
 
-from conftest import ROOT, write_images
+from conftest import ROOT, set_attrs, write_images
 
 
 @pytest.fixture
@@ -272,8 +272,7 @@ def test_random_weights_are_said_in_every_report(tmp_path, store, capsys):
     assert "RANDOM weights" in random["console"] and "**RANDOM weights**" in random["report.md"]
     assert random["report.json"] == "random" and random["confusion.png"] == "random: holdout (RANDOM weights)"
     for entry in store.entry_files():
-        with h5py.File(entry, "a") as f:
-            f.attrs["weights"] = "imagenet"
+        set_attrs(entry, weights="imagenet")
     trained = artefacts("trained")
     assert trained["report.json"] == "trained" and trained["confusion.png"] == "trained: holdout"
     assert "RANDOM" not in trained["console"] + trained["report.md"]

@@ -368,3 +368,75 @@ def test_bad_images_csv_follows_the_table_also_on_fully_cached_reruns(tmp_path, 
     (data / "train" / "cat.7.jpg").unlink()  # and deletes the other: a fully cached run
     cached = extract(ExtractConfig(data, features_dir=tmp_path / "f", **RUN))
     assert cached.jobs[0].extracted == 0 and len(pd.read_csv(paths.bad_images_csv)) == 0
+
+
+# --- attributes that decide a result are verified ----------------------------------------------------------------
+
+def _cli(main, argv, capsys):
+    """A command's main in this process: (exit code, stdout, stderr)."""
+    try:
+        main(list(map(str, argv)))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _flip_input_size(path: Path) -> None:
+    """One flipped bit in the input_size attribute (32 -> 96), nothing else touched: no chunk checksum sees it."""
+    with h5py.File(path, "a") as f:
+        f.attrs["input_size"] = int(f.attrs["input_size"]) ^ 64
+
+
+def test_flipped_input_size_attribute_is_damage_for_stack_predict_and_extraction(tmp_path, clean, capsys):
+    from featstack.commands import predict as predict_command
+    from featstack.commands import stack as stack_command
+    from featstack.stack import run_stack
+
+    data, paths = copy_store(clean, tmp_path)
+    final = paths.root / clean["file"]
+    run = run_stack(paths.root, model="logreg", folds=2, models_dir=tmp_path / "m", run_id="before")
+    _flip_input_size(final)
+    rebuild = (f"python extract_features.py --data {data.resolve()} --features-dir {tmp_path / 'f'} --name cd "
+               "--backbones vgg16 --weights random --image-size 32")  # the size the file was made with, not 96
+    code, out, err = _cli(stack_command.main, ["--features", paths.root, "--models-dir", tmp_path / "m"], capsys)
+    assert code == 2 and err == (f"error: {final}: damaged or unreadable feature file (its attributes do not match "
+                                 f"their checksum); rebuild it with: {rebuild} (the run moves the damaged file "
+                                 "aside)\n")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["before"], "no run from the damaged file"
+    # predict.py answers from what the run recorded of its features: a flipped copy there is refused the same way.
+    config = json.loads((run / "config.json").read_text())
+    config["feature_files"]["vgg16"]["input_size"] = 96
+    (run / "config.json").write_text(json.dumps(config))
+    photo = data / "train" / "cat.0.jpg"
+    code, out, err = _cli(predict_command.main, [photo, "--run", run], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and not out
+    assert err.startswith(f"error: {run / 'config.json'}: damaged: the attributes it records for {clean['file']}: "
+                          "its attributes do not match their checksum; rebuild the run with: stack.py --features ")
+    summary = extract(data, features_dir=tmp_path / "f", **RUN)
+    moved = [l for l in capsys.readouterr().err.splitlines() if "moved aside" in l]
+    assert moved == [f"{final}: damaged feature file (its attributes do not match their checksum); moved aside to "
+                     f"{clean['file']}.corrupt, its features are extracted again"]
+    assert summary.jobs[0].extracted == 16 and read_entry(final).attrs["input_size"] == 32
+    assert_equals_clean(final, clean)
+
+
+def test_legacy_files_without_the_checksum_are_checked_by_name_and_sealed_by_extraction(tmp_path, clean, capsys):
+    from featstack.store import ATTRS_SHA256
+    data, paths = copy_store(clean, tmp_path)
+    final = paths.root / clean["file"]
+    with h5py.File(final, "a") as f:
+        del f.attrs[ATTRS_SHA256]  # as every store written before the checksum existed
+    assert read_entry(final).attrs["input_size"] == 32  # still readable: the name's digest vouches for it
+    _flip_input_size(final)
+    with pytest.raises(FeatstackError, match=rf"^{final}: damaged or unreadable feature file \(its attributes do "
+                                             r"not match the digest in its file name\); rebuild it with: .*"
+                                             r"--image-size 32 "):
+        read_entry(final)
+    _flip_input_size(final)  # back to 32
+    summary = extract(data, features_dir=tmp_path / "f", **RUN)
+    assert summary.jobs[0].extracted == 0 and "moved aside" not in capsys.readouterr().err
+    with h5py.File(final, "r") as f:
+        assert ATTRS_SHA256 in f.attrs, "the next extraction adds the checksum"
+    assert_equals_clean(final, clean)
