@@ -189,7 +189,7 @@ def read_predictions(path: Path, classes: list[str] | None = None, labelled: boo
         raise FeatstackError(f"{path}: no such file; {rebuild}") from None
     except OSError as exc:
         raise FeatstackError(f"{path}: cannot be read ({exc.strerror or exc}); {rebuild}") from None
-    if not raw.strip():
+    if not raw or raw.isspace():
         raise FeatstackError(f"{path}: the file is empty ({len(raw)} bytes), not a predictions table; {rebuild}")
     nul = raw.find(b"\0")
     if nul >= 0:
@@ -202,7 +202,7 @@ def read_predictions(path: Path, classes: list[str] | None = None, labelled: boo
     fixed = ["id", "label"] if labelled else ["id"]
     try:
         # Every fixed column as text ("NA" is a dog breed's id too); probabilities as numbers where they all parse.
-        frame = pd.read_csv(io.BytesIO(raw), dtype=dict.fromkeys(fixed, str), keep_default_na=False)
+        frame = pd.read_csv(io.BytesIO(raw), dtype=dict.fromkeys(fixed, str), na_filter=False)
     except (ValueError, pd.errors.ParserError) as exc:
         raise FeatstackError(f"{path}: not a readable CSV table ({str(exc).strip().splitlines()[0]}); "
                              f"{rebuild}") from None
@@ -226,7 +226,12 @@ def read_predictions(path: Path, classes: list[str] | None = None, labelled: boo
             raise FeatstackError(f"{path}: line {k + 2} (id {frame['id'].iat[k]!r}): label {frame['label'].iat[k]!r} "
                                  f"is not one of the run's classes; {rebuild}")
     text = frame[wanted]
-    values = text.apply(lambda column: pd.to_numeric(column, errors="coerce")).to_numpy(np.float64)
+    # A column holding anything but numbers ("nan", "", "x") is read as text: only those are converted, cell by cell.
+    numeric = np.array([dtype.kind in "fiu" for dtype in text.dtypes], dtype=bool)
+    values = np.empty(text.shape)
+    values[:, numeric] = text.iloc[:, numeric].to_numpy(np.float64)
+    for j in np.flatnonzero(~numeric):
+        values[:, j] = pd.to_numeric(text.iloc[:, j], errors="coerce")
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(values) | (values < 0) | (values > 1)
     if bad.any():
@@ -243,4 +248,6 @@ def read_predictions(path: Path, classes: list[str] | None = None, labelled: boo
         k = int(np.flatnonzero(off)[0])
         raise FeatstackError(f"{path}: line {k + 2} (id {frame['id'].iat[k]!r}): the probabilities sum to "
                              f"{values[k].sum():.6g}, not 1 ({int(off.sum())} such rows); {rebuild}")
-    return pd.concat([frame[fixed], pd.DataFrame(values, columns=wanted)], axis=1)
+    if not all(dtype.kind == "f" for dtype in text.dtypes):  # whole numbers or converted text: as floats
+        return pd.concat([frame[fixed], pd.DataFrame(values, columns=wanted)], axis=1)
+    return frame if present == fixed + wanted else frame[fixed + wanted]

@@ -307,18 +307,23 @@ def test_the_audit_folder_is_whole_whatever_instant_the_audit_is_killed_at(flipp
         (run.audit_dir / "old.txt").write_text("the audit before")
         return run
 
-    reference = fresh(tmp_path / "reference")
+    template = fresh(tmp_path / "template")
+    old = _snapshot(template.audit_dir)
+    reference = RunPaths(shutil.copytree(template.root, tmp_path / "reference" / "run"))
     run_audit(reference.root, top=3)
-    old, new = _snapshot(fresh(tmp_path / "old").audit_dir), _snapshot(reference.audit_dir)
+    new = _snapshot(reference.audit_dir)
     assert old != new and "old.txt" in old and "old.txt" not in new
     instants = [("before", step) for step in range(1, 9)] + [("mid-deletion", 0)]
-    killed = []
+    killed, finished = [], False
     for point, step in instants:
-        run = fresh(tmp_path / f"{point}{step}")
+        if finished and point == "before":  # no later step to die at
+            continue
+        run = RunPaths(shutil.copytree(template.root, tmp_path / f"{point}{step}" / "run"))
         proc = subprocess.run([sys.executable, "-c", AUDIT_KILLED, str(run.root), point, str(step)],
                               capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-        if proc.returncode == 0:  # past the last step: the audit finished
+        if proc.returncode == 0:  # past the last step: the audit finished; no later instant to try
             assert point == "before" and _snapshot(run.audit_dir) == new
+            finished = True
             continue
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
         assert run.audit_dir.is_dir(), f"killed at {point} {step}: no audit/ folder"
@@ -331,7 +336,7 @@ def test_the_audit_folder_is_whole_whatever_instant_the_audit_is_killed_at(flipp
         assert not [p.name for p in run.root.iterdir() if p.name.startswith(".audit")]
 
 
-def test_leftovers_of_killed_audits_go_and_a_live_audits_stay(flipped, tmp_path):
+def test_leftovers_of_killed_audits_go_and_a_live_audits_stay(flipped, tmp_path, monkeypatch):
     run = RunPaths(shutil.copytree(flipped["run"], tmp_path / "run", ignore=shutil.ignore_patterns("audit", ".*")))
     gone = subprocess.Popen(["true"])
     gone.wait()  # a process id that has exited: its folders are a killed run's
@@ -351,6 +356,13 @@ def test_leftovers_of_killed_audits_go_and_a_live_audits_stay(flipped, tmp_path)
         run_audit(run.root)
         assert (run.audit_dir / "label_issues.csv").is_file() and not dead_old.exists()
         assert (live_tmp / "audit.md").read_text() == live_tmp.name  # another audit still writing: left alone
+        # Where two folders cannot be swapped, the old audit is set aside, the new one put in place, the old deleted.
+        from featstack import audit
+        monkeypatch.setattr(audit, "exchange", lambda a, b: False)
+        (run.audit_dir / "old.txt").write_text("the audit before")
+        run_audit(run.root)
+        assert not (run.audit_dir / "old.txt").exists() and (run.audit_dir / "label_issues.csv").is_file()
+        assert sorted(p.name for p in run.root.iterdir() if p.name.startswith(".")) == [live_tmp.name]
     finally:
         live.kill()
         live.wait()
