@@ -455,7 +455,10 @@ def write_audit(audit: Audit, top: int = TOP) -> Path:
     final = AuditPaths(audit.run.audit_dir)
     tmp = AuditPaths(audit.run.root / f".audit.tmp{os.getpid()}")
     old = audit.run.root / f".audit.old{os.getpid()}"
-    remove_leftovers(audit.run)
+    # This run's leftovers, and those of killed audits of the other runs beside it.
+    for root in sorted({audit.run.root, *(p.parent for p in audit.run.root.parent.glob("*/.audit.*"))}):
+        if (root / "config.json").is_file():
+            remove_leftovers(RunPaths(root))
     shutil.rmtree(tmp.root, ignore_errors=True)
     tmp.root.mkdir()
     try:

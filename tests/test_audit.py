@@ -353,8 +353,12 @@ def test_leftovers_of_killed_audits_go_and_a_live_audits_stay(flipped, tmp_path,
         from featstack.audit import remove_leftovers
         remove_leftovers(run)
         assert (run.audit_dir / "audit.md").read_text() == dead_old.name and not dead_tmp.exists()
+        sibling = tmp_path / "another-run"  # a killed audit of another run in the same models folder
+        (sibling / f".audit.tmp{gone.pid}").mkdir(parents=True)
+        (sibling / "config.json").write_text("{}")
         run_audit(run.root)
         assert (run.audit_dir / "label_issues.csv").is_file() and not dead_old.exists()
+        assert not (sibling / f".audit.tmp{gone.pid}").exists()
         assert (live_tmp / "audit.md").read_text() == live_tmp.name  # another audit still writing: left alone
         # Where two folders cannot be swapped, the old audit is set aside, the new one put in place, the old deleted.
         from featstack import audit
