@@ -180,6 +180,8 @@ def _read_log(log: Path) -> tuple[bytes, list[str] | None]:
         raise _log_problem(log, f"cannot be read ({exc.strerror or exc})") from None
     if not raw.strip():
         return raw, None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # what some spreadsheets call "Unicode text"
+        raise _log_problem(log, "UTF-16 text, not UTF-8")
     nul = raw.find(b"\0")
     if nul >= 0:
         raise _log_problem(log, f"binary content (a NUL byte at byte {nul}), not a CSV table")

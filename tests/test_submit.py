@@ -437,6 +437,7 @@ def test_log_keeps_the_columns_and_rows_it_does_not_know(tmp_path):
 @pytest.mark.parametrize("content, match", [
     (b"time,run_id,message\n2025-01-01,r1,caf\xe9 cr\xe8me\n", r"log\.csv: not UTF-8 text \(byte 37\)"),
     (b"\x00\x01\x02PK\x03\x04", r"log\.csv: binary content \(a NUL byte at byte 0\)"),
+    ("time,run_id\n2025,r1\n".encode("utf-16"), r"log\.csv: UTF-16 text, not UTF-8"),
     (b'time,run_id,message\n2025-01-01,r1,"never closed\n', r"log\.csv: not a readable CSV table"),
 ])
 def test_unreadable_log_stops_submit_before_anything_is_written(tmp_path, fake_kaggle, monkeypatch, content, match):
