@@ -1,10 +1,12 @@
 """Audit stage: label issues, near duplicates, leakage, outliers and dataset facts of a run, from its cached data."""
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import time
 import warnings
 from collections import defaultdict
@@ -16,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import reports
 from .errors import FeatstackError
 from .features import FeatureSet, load_features, read_bad_ids
+from .leftovers import dead_leftovers, remove_leftover
 from .paths import MODELS_DIR, AuditPaths, DatasetPaths, RunPaths
 
 # Cosine similarity of centred, L2-normalised features above which two images count as near duplicates. Measured on
@@ -103,14 +107,9 @@ def image_paths(fs: FeatureSet) -> tuple[dict[str, str], str | None]:
 
 
 def _predictions(csv: Path, classes: list[str]) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
-    frame = pd.read_csv(csv, dtype={"id": str, "label": str}, keep_default_na=False)
-    missing = [c for c in ["id", "label", *classes] if c not in frame.columns]
-    if missing:
-        raise FeatstackError(f"{csv}: columns {', '.join(missing[:3])} are missing; rerun stack.py to rebuild it")
+    # The shared reader refuses NaN, infinite, negative or non-normalised rows: cleanlab would quietly rank them.
+    frame = reports.read_predictions(csv, classes, labelled=True)
     index = {c: k for k, c in enumerate(classes)}
-    unknown = sorted(set(frame["label"]) - set(index))
-    if unknown:
-        raise FeatstackError(f"{csv}: label {unknown[0]!r} is not one of the run's classes; rerun stack.py")
     proba = frame[classes].to_numpy(np.float64)
     return frame, np.array([index[l] for l in frame["label"]], dtype=int), proba / proba.sum(axis=1, keepdims=True)
 
@@ -388,11 +387,78 @@ def summary_rows(audit: Audit) -> list[tuple[str, str, str]]:
     return rows
 
 
+RENAME_EXCHANGE = 2  # renameat2(2) flag: swap two paths in one step
+LEFTOVER = r"\.audit\.(?P<kind>tmp|old)(?P<pid>\d+)"
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing folders in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the system or the
+    file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:  # a C library older than glibc 2.28
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def remove_leftovers(run: RunPaths) -> None:
+    """Remove what killed audits of this run left (``.audit.tmp<pid>``, ``.audit.old<pid>``), never a live one's;
+    an old audit set aside by a run killed before it could put the new one in place goes back to ``audit/``."""
+    for path in dead_leftovers(run.root, LEFTOVER):
+        if path.name.startswith(".audit.old") and not os.path.lexists(run.audit_dir):
+            try:
+                os.rename(path, run.audit_dir)
+                continue
+            except OSError:
+                if not os.path.lexists(run.audit_dir):
+                    continue  # the only copy of the old audit: kept where it is
+        remove_leftover(path)
+
+
+def publish(tmp: Path, final: Path, old: Path) -> None:
+    """Put the finished folder ``tmp`` at ``final``: at every instant ``final`` is the old audit or the new one.
+
+    With an old audit there, the two folders are swapped in one step and the old one (now at ``tmp``) is deleted
+    by the caller. Where the file system cannot swap, the old audit is renamed aside first: a kill between the two
+    renames leaves it at ``old``, and the next audit of the run puts it back.
+    """
+    while True:
+        if not os.path.lexists(final):
+            try:
+                os.rename(tmp, final)
+                return
+            except OSError as exc:  # another audit of this run published first: swap with its folder
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+        if exchange(tmp, final):
+            return
+        os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            os.rename(old, final)
+            raise
+        return
+
+
 def write_audit(audit: Audit, top: int = TOP) -> Path:
-    """Write every file into a hidden folder, then rename it to ``<run>/audit`` (replacing an older audit)."""
+    """Write every file into a hidden folder, then swap it with ``<run>/audit`` (see ``publish``)."""
     final = AuditPaths(audit.run.audit_dir)
     tmp = AuditPaths(audit.run.root / f".audit.tmp{os.getpid()}")
     old = audit.run.root / f".audit.old{os.getpid()}"
+    # This run's leftovers, and those of killed audits of the other runs beside it.
+    for root in sorted({audit.run.root, *(p.parent for p in audit.run.root.parent.glob("*/.audit.*"))}):
+        if (root / "config.json").is_file():
+            remove_leftovers(RunPaths(root))
     shutil.rmtree(tmp.root, ignore_errors=True)
     tmp.root.mkdir()
     try:
@@ -407,11 +473,9 @@ def write_audit(audit: Audit, top: int = TOP) -> Path:
         if audit.paths and len(audit.duplicates):
             duplicate_sheet(audit.duplicates.head(top), tmp.duplicates_png)
         tmp.audit_md.write_text(markdown(audit, top, tmp))
-        if final.root.exists():
-            os.rename(final.root, old)
-        os.rename(tmp.root, final.root)
+        publish(tmp.root, final.root, old)
     finally:
-        shutil.rmtree(tmp.root, ignore_errors=True)
+        shutil.rmtree(tmp.root, ignore_errors=True)  # after a swap: the old audit
         shutil.rmtree(old, ignore_errors=True)
     return final.root
 

@@ -5,6 +5,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -60,8 +61,17 @@ def find_credentials() -> str:
         f"kaggle.json as {where} and chmod 600 it (or set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN)")
 
 
+def _base64_forms(value: str) -> list[str]:
+    """``value`` as base64 the ways tools print it: standard and URL-safe, with and without ``=`` padding."""
+    out = []
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        text = encode(value.encode()).decode()
+        out += [text, text.rstrip("=")]
+    return out
+
+
 def secrets() -> list[str]:
-    """The configured credential values (and their HTTP Basic form), longest first, for redaction."""
+    """The configured credential values and their base64 forms (the key alone, user:key), longest first."""
     values = [os.environ.get(v, "") for v in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN")]
     pairs = [(values[0], values[1])]
     for folder in config_dirs():
@@ -71,16 +81,23 @@ def secrets() -> list[str]:
             pairs.append((str(creds.get("username", "")), str(creds.get("key", ""))))
         with contextlib.suppress(OSError):
             values.append((folder / "access_token").read_text().strip())
-    # Some kaggle versions echo the Authorization header, where username:key appears base64-encoded.
-    values += [base64.b64encode(f"{u}:{k}".encode()).decode() for u, k in pairs if u and k]
+    # Some kaggle versions echo the Authorization header, where username:key appears base64-encoded; a key or token
+    # may also be printed base64-encoded on its own.
+    encoded = [form for u, k in pairs if u and k for form in _base64_forms(f"{u}:{k}")]
+    encoded += [form for v in values if v for form in _base64_forms(v)]
     # Values under 3 characters cannot be told apart from ordinary text; Kaggle's are far longer.
-    return sorted({v for v in values if len(v) >= 3}, key=len, reverse=True)
+    return sorted({v for v in values + encoded if len(v) >= 3}, key=len, reverse=True)
+
+
+# Where a tool wraps long lines, a value is split by a line break (and the next line's indentation).
+_WRAP = r"(?:[ \t]*\r?\n[ \t]*)?"
 
 
 def redact(text: str) -> str:
-    """``text`` with every configured Kaggle credential value replaced by ***."""
+    """``text`` with every configured Kaggle credential value replaced by ***: in any letter case, in its base64
+    forms, and split over lines."""
     for value in secrets():
-        text = text.replace(value, "***")
+        text = re.sub(_WRAP.join(map(re.escape, value)), "***", text, flags=re.IGNORECASE)
     return text
 
 

@@ -1,6 +1,9 @@
 """Holdout and CV reports: Kaggle log loss, accuracy, top-5, per-class scores, confusion matrix and confused pairs."""
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from sklearn.metrics import (
@@ -10,6 +13,8 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     top_k_accuracy_score,
 )
+
+from .errors import FeatstackError
 
 EPS = 1e-15
 RANDOM_WEIGHTS_NOTE = ("note: these features come from RANDOM weights (weights=random: a smoke test or the offline "
@@ -159,3 +164,90 @@ def predictions_frame(ids, proba: np.ndarray, classes: list[str], labels=None) -
         frame.insert(0, "label", labels)
     frame.insert(0, "id", ids)
     return frame
+
+
+SUM_TOLERANCE = 1e-6  # how far a written row of probabilities may sum from 1 (floats written in full precision)
+
+
+def _first_ids(ids, n: int = 5) -> str:
+    ids = list(ids)
+    return ", ".join(map(str, ids[:n])) + (f" … ({len(ids)} in all)" if len(ids) > n else "")
+
+
+def read_predictions(path: Path, classes: list[str] | None = None, labelled: bool = False) -> pd.DataFrame:
+    """A run's oof / holdout / test predictions file as ``predictions_frame`` wrote it, refused in one line naming
+    the file and row unless every id is unique and every row is finite, non-negative and sums to 1.
+
+    ``classes`` None takes the class columns from the file (every column after id, and label when ``labelled``).
+    The one reader of these files: audit and submit both go through it.
+    """
+    path = Path(path)
+    rebuild = f"remove the run folder {path.parent} and rerun stack.py to rebuild it"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FeatstackError(f"{path}: no such file; {rebuild}") from None
+    except OSError as exc:
+        raise FeatstackError(f"{path}: cannot be read ({exc.strerror or exc}); {rebuild}") from None
+    if not raw or raw.isspace():
+        raise FeatstackError(f"{path}: the file is empty ({len(raw)} bytes), not a predictions table; {rebuild}")
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise FeatstackError(f"{path}: binary content (a NUL byte at byte {nul}), not a predictions CSV; {rebuild}")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FeatstackError(f"{path}: binary content (not UTF-8 text at byte {exc.start}), not a predictions CSV; "
+                             f"{rebuild}") from None
+    fixed = ["id", "label"] if labelled else ["id"]
+    try:
+        # Every fixed column as text ("NA" is a dog breed's id too); probabilities as numbers where they all parse.
+        frame = pd.read_csv(io.BytesIO(raw), dtype=dict.fromkeys(fixed, str), na_filter=False)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise FeatstackError(f"{path}: not a readable CSV table ({str(exc).strip().splitlines()[0]}); "
+                             f"{rebuild}") from None
+    present = list(frame.columns)
+    wanted = classes if classes is not None else [c for c in present if c not in fixed]
+    if present[:len(fixed)] != fixed or not wanted or (classes is None and len(wanted) < 2):
+        raise FeatstackError(f"{path}: expected the columns {', '.join(fixed)} and one probability column per "
+                             f"class, found {_first_ids(present)}; {rebuild}")
+    missing = [c for c in wanted if c not in present]
+    extra = [c for c in present if c not in fixed and c not in wanted]
+    if missing or extra:
+        raise FeatstackError(f"{path}: " + (f"class columns {_first_ids(missing)} are missing" if missing else
+                                            f"columns {_first_ids(extra)} are not classes of the run") + f"; {rebuild}")
+    dup = frame["id"][frame["id"].duplicated()]
+    if len(dup):
+        raise FeatstackError(f"{path}: duplicate ids {_first_ids(dup.unique())}; each id must appear once; {rebuild}")
+    if labelled and classes is not None:
+        unknown = ~frame["label"].isin(classes)
+        if unknown.any():
+            k = int(np.flatnonzero(unknown)[0])
+            raise FeatstackError(f"{path}: line {k + 2} (id {frame['id'].iat[k]!r}): label {frame['label'].iat[k]!r} "
+                                 f"is not one of the run's classes; {rebuild}")
+    text = frame[wanted]
+    # A column holding anything but numbers ("nan", "", "x") is read as text: only those are converted, cell by cell.
+    numeric = np.array([dtype.kind in "fiu" for dtype in text.dtypes], dtype=bool)
+    values = np.empty(text.shape)
+    values[:, numeric] = text.iloc[:, numeric].to_numpy(np.float64)
+    for j in np.flatnonzero(~numeric):
+        values[:, j] = pd.to_numeric(text.iloc[:, j], errors="coerce")
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if bad.any():
+        rows, cols = np.nonzero(bad)
+        k, c = int(rows[0]), int(cols[0])
+        cell = str(text.iat[k, c])
+        raise FeatstackError(f"{path}: line {k + 2} (id {frame['id'].iat[k]!r}): column {wanted[c]!r} is "
+                             f"{repr(cell) if cell.strip() else 'empty'}, not a probability in [0, 1] "
+                             f"({len(np.unique(rows))} such "
+                             f"rows); {rebuild}")
+    # As read: a row that does not sum to 1 is a broken file, not something to renormalise away.
+    off = np.abs(values.sum(axis=1) - 1) > SUM_TOLERANCE
+    if off.any():
+        k = int(np.flatnonzero(off)[0])
+        raise FeatstackError(f"{path}: line {k + 2} (id {frame['id'].iat[k]!r}): the probabilities sum to "
+                             f"{values[k].sum():.6g}, not 1 ({int(off.sum())} such rows); {rebuild}")
+    if not all(dtype.kind == "f" for dtype in text.dtypes):  # whole numbers or converted text: as floats
+        return pd.concat([frame[fixed], pd.DataFrame(values, columns=wanted)], axis=1)
+    return frame if present == fixed + wanted else frame[fixed + wanted]

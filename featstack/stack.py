@@ -20,6 +20,7 @@ from . import models as M
 from . import reports
 from .errors import FeatstackError
 from .features import FeatureSet, exclude_training_rows, load_features
+from .leftovers import dead_leftovers, remove_leftover
 from .paths import MODELS_DIR, RunPaths
 from .split import is_disk_full
 
@@ -151,12 +152,17 @@ def _say_warnings(caught: list[warnings.WarningMessage]) -> None:
               "models as fitted; a smaller --C (or --C auto) converges in fewer iterations")
 
 
+LEFTOVER = r"\..+\.tmp(?P<pid>\d+)"  # the hidden folder _write_run writes a run into: .<run-id>.tmp<pid>
+
+
 def _write_run(run: RunPaths, estimator, config, report, fs, classes, train, holdout, test_ids, oof, ho_proba,
                test_proba, y_holdout):
     """Everything goes into a hidden folder renamed into place at the end: no half-written run folder."""
     tmp = RunPaths(run.root.parent / f".{run.run_id}.tmp{os.getpid()}")
     try:
         run.root.parent.mkdir(parents=True, exist_ok=True)
+        for stray in dead_leftovers(run.root.parent, LEFTOVER):  # folders of stack.py runs that were killed
+            remove_leftover(stray)
         shutil.rmtree(tmp.root, ignore_errors=True)
         tmp.root.mkdir()
         joblib.dump({"estimator": estimator, "classes": classes, "backbones": list(fs.blocks)}, tmp.model_joblib)

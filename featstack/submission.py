@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import csv
+import io
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 
+from . import reports
 from .errors import FeatstackError
 from .layouts import class_order
-from .paths import SUBMISSIONS_DIR, DatasetPaths
+from .paths import SUBMISSIONS_DIR, DatasetPaths, RunPaths
 from .split import is_disk_full, read_split, write_atomic
 from .stack import newest_run, read_run_json
 
@@ -68,23 +71,12 @@ def validate(frame: pd.DataFrame, expected_ids: list[str], expected_columns: lis
 
 
 def read_predictions(run: Path) -> pd.DataFrame:
-    """A run's test_predictions.csv as written, checked as read: unique ids, probabilities in [0, 1] summing to 1."""
-    path = run / "test_predictions.csv"
-    try:
-        pred = pd.read_csv(path, dtype={"id": str})
-        values = pred.iloc[:, 1:].to_numpy(dtype=float)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise FeatstackError(f"{path}: damaged or unreadable ({str(exc).splitlines()[0][:80]}); remove the run folder "
-                             "and rerun stack.py to rebuild it") from None
+    """A run's test_predictions.csv as written, checked as read (reports.read_predictions) and not empty."""
+    path = RunPaths(run).test_csv
+    pred = reports.read_predictions(path)
     if pred.empty:
-        raise FeatstackError(f"{path}: the dataset has no test images to submit")
-    if list(pred.columns[:1]) != ["id"] or pred.shape[1] < 3:
-        raise FeatstackError(f"{path}: expected an id column and one probability column per class; rerun stack.py")
-    dup = pred["id"][pred["id"].duplicated()]
-    if len(dup):
-        raise FeatstackError(f"{path}: duplicate ids {_first(dup.unique())}; each test id must appear once")
-    # As read: a row that does not sum to 1 is a broken predictions file, not something to renormalise away.
-    _check_values(pred["id"], values, list(pred.columns[1:]), True, str(path))
+        raise FeatstackError(f"{path}: a header without rows: run {run.name} has no test predictions (its dataset "
+                             "had no test images when stack.py ran), so there is nothing to submit")
     return pred
 
 
@@ -142,7 +134,7 @@ def build(run: Path, fmt: str = "auto", sample: str | Path | None = None, clip: 
     if sample_frame is not None and "id" not in sample_frame.columns:
         raise FeatstackError(f"{sample_path}: no id column; is it the competition's sample_submission.csv?")
     expected, source = expected_test_ids(run, config, sample_frame, sample_path)
-    _check_ids(pred, expected, source, run / "test_predictions.csv")
+    _check_ids(pred, expected, source, RunPaths(run).test_csv)
     proba = pred[classes].to_numpy(dtype=float)
     if fmt == "cats-dogs":
         if "dog" not in classes or len(classes) != 2:
@@ -173,21 +165,93 @@ def build(run: Path, fmt: str = "auto", sample: str | Path | None = None, clip: 
     return frame, fmt
 
 
+def _log_problem(log: Path, what: str) -> FeatstackError:
+    return FeatstackError(f"{log}: {what}; the submissions log is only ever appended to, so nothing was written: "
+                          "save it as UTF-8 CSV or move it aside (or pass another --submissions-dir), then rerun")
+
+
+def _read_log(log: Path) -> tuple[bytes, list[str] | None]:
+    """The log's bytes and its header row (None when there is no log yet), or one line saying why it cannot be
+    appended to."""
+    try:
+        raw = log.read_bytes()
+    except FileNotFoundError:
+        return b"", None
+    except OSError as exc:
+        raise _log_problem(log, f"cannot be read ({exc.strerror or exc})") from None
+    if not raw.strip():
+        return raw, None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # what some spreadsheets call "Unicode text"
+        raise _log_problem(log, "UTF-16 text, not UTF-8")
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise _log_problem(log, f"binary content (a NUL byte at byte {nul}), not a CSV table")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _log_problem(log, f"not UTF-8 text (byte {exc.start})") from None
+    try:
+        rows = csv.reader(io.StringIO(text, newline=""), strict=True)
+        header = next(rows)
+        for _ in rows:
+            pass
+    except csv.Error as exc:
+        raise _log_problem(log, f"not a readable CSV table (line {rows.line_num}: {exc})") from None
+    if not any(name.strip() for name in header):
+        raise _log_problem(log, "its first line is not a header row")
+    return raw, header
+
+
+def check_log(log: Path) -> None:
+    """Refuse, before anything is written, a submissions log that cannot be appended to."""
+    _read_log(log)
+
+
+def _header_end(raw: bytes) -> int:
+    """The offset just past the header record's line end (a newline inside a quoted name does not end it)."""
+    quoted = False
+    for k, byte in enumerate(raw):
+        if byte == 0x22:
+            quoted = not quoted
+        elif byte == 0x0A and not quoted:
+            return k + 1
+    return len(raw)
+
+
 def append_log(log: Path, row: dict) -> None:
-    """Add a row to submissions/log.csv; a log from an older featstack gains the new columns first."""
+    """Add a row to submissions/log.csv. Append-only: rows and columns it does not know (a user's lb_score) stay as
+    they are, byte for byte; a log lacking some of featstack's columns gains them at the end of its header only."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    if log.exists():
-        with open(log, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != LOG_COLUMNS:
-            old = pd.read_csv(log, dtype=str, keep_default_na=False)
-            write_atomic(log, lambda p: old.reindex(columns=LOG_COLUMNS, fill_value="").to_csv(p, index=False))
-    new = not log.exists()
-    with open(log, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerow({k: row.get(k, "") for k in LOG_COLUMNS})
+    with FileLock(str(log.with_name(f".{log.name}.lock"))):  # two submit.py at once: both rows kept
+        raw, header = _read_log(log)
+        if header is None:
+            columns, head = LOG_COLUMNS, None
+        else:
+            columns = header + [c for c in LOG_COLUMNS if c not in header]
+            end = _header_end(raw)
+            head = raw[:end]
+        newline = "\n" if head is not None and not head.endswith(b"\r\n") and head.endswith(b"\n") else "\r\n"
+        line = io.StringIO()
+        csv.writer(line, lineterminator=newline).writerow([row.get(c, "") if c in LOG_COLUMNS else "" for c in columns])
+        if header is None or columns == header:
+            with open(log, "a" if header is not None else "w", encoding="utf-8", newline="") as f:
+                if header is None:
+                    csv.writer(f, lineterminator=newline).writerow(columns)
+                elif not raw.endswith(b"\n"):
+                    f.write(newline)
+                f.write(line.getvalue())
+            return
+        bom = b"\xef\xbb\xbf" if raw.startswith(b"\xef\xbb\xbf") else b""
+        new_head = io.StringIO()
+        csv.writer(new_head, lineterminator=newline).writerow(columns)
+        rest = raw[end:]
+        if rest.strip() and not rest.endswith(b"\n"):
+            rest += newline.encode()
+        elif not rest.strip():
+            rest = b""
+        # Only the header line changes; the rename makes the new log appear whole or not at all.
+        body = bom + new_head.getvalue().encode() + rest + line.getvalue().encode()
+        write_atomic(log, lambda p: p.write_bytes(body))
 
 
 def _random_weights(config: dict) -> bool:
@@ -210,6 +274,8 @@ def submit(run: str | Path | None = None, *, fmt: str = "auto", sample: str | Pa
                              "to Kaggle is almost certainly a mistake; extract with ImageNet weights, or pass --force "
                              "to submit anyway")
     frame, fmt = build(run, fmt, sample, clip, labels)
+    log = Path(submissions_dir) / "log.csv"
+    check_log(log)  # a log that cannot take the row stops the run before the submission file is written
     out = Path(out) if out else Path(submissions_dir) / f"{run.name}.csv"
     compression = "gzip" if out.name.endswith(".gz") else None
     try:
@@ -245,6 +311,6 @@ def submit(run: str | Path | None = None, *, fmt: str = "auto", sample: str | Pa
     finally:
         from .kaggle import redact
         # The file path stays as is: a Kaggle username is often also the home folder's name.
-        append_log(Path(submissions_dir) / "log.csv", {k: v if k == "file" else redact(str(v)) for k, v in row.items()})
+        append_log(log, {k: v if k == "file" else redact(str(v)) for k, v in row.items()})
     print(out)
     return out

@@ -1,7 +1,11 @@
 """Audit: flipped labels ranked first, a re-encoded test photo found in train, outliers, files, stack.py --exclude."""
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -14,6 +18,8 @@ from featstack.errors import FeatstackError
 from featstack.paths import AuditPaths, RunPaths
 from featstack.stack import run_stack
 from featstack.synthetic import write_synthetic_store
+
+from conftest import ROOT
 
 AUDIT_FILES = ["audit.md", "class_balance.png", "duplicates.csv", "duplicates.png", "image_sizes.png",
                "label_issues.csv", "label_issues.png", "outliers.csv"]
@@ -223,3 +229,144 @@ def test_audit_without_runs_or_with_a_vanished_store(flipped, tmp_path):
     run.config_json.write_text(json.dumps({**config, "features_dir": str(tmp_path / "gone" / "sep")}))
     with pytest.raises(FeatstackError, match=r"config.json: its feature store .*gone/sep no longer exists"):
         run_audit(run.root)
+
+
+# --- #20 item 4: prediction files are read through one reader that refuses bad rows --------------------------------
+
+@pytest.mark.parametrize("name, value, match", [
+    ("oof_predictions.csv", np.nan, r"column 'class_001' is empty, not a probability in \[0, 1\]"),
+    ("oof_predictions.csv", np.inf, r"column 'class_001' is 'inf', not a probability"),
+    ("holdout_predictions.csv", -0.25, r"column 'class_001' is '-0\.25', not a probability"),
+    ("oof_predictions.csv", "halved", r"the probabilities sum to 0\.5, not 1"),
+])
+def test_nan_infinite_negative_or_unnormalised_rows_are_refused(flipped, tmp_path, capsys, name, value, match):
+    """A NaN in the OOF file used to halve the label issues with exit 0: one line naming the file and row."""
+    run = RunPaths(shutil.copytree(flipped["run"], tmp_path / "run", ignore=shutil.ignore_patterns("audit")))
+    path = run.root / name
+    frame = pd.read_csv(path, dtype={"id": str, "label": str}, keep_default_na=False)
+    k = 7
+    if value == "halved":
+        frame.iloc[k, 2:] = frame.iloc[k, 2:].astype(float) * 0.5
+    else:
+        frame.loc[k, "class_001"] = value
+    frame.to_csv(path, index=False)
+    with pytest.raises(SystemExit) as exit_info:
+        audit_command.main(["--run", str(run.root)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(re.escape(f"error: {path}: line {k + 2} (id '{frame.id[k]}'): ") + match, err), err
+    assert not run.audit_dir.exists() and not [p for p in run.root.iterdir() if p.name.startswith(".")]
+
+
+# --- #20 item 6: the audit folder is there at every instant; killed runs' leftovers go ----------------------------
+
+AUDIT_KILLED = """
+import os, shutil, signal, sys
+from featstack import audit
+point, step = sys.argv[2], int(sys.argv[3])
+armed, count = [False], [0]
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+def counted(fn):
+    def call(*args, **kwargs):
+        if armed[0]:
+            count[0] += 1
+            if point == "before" and count[0] == step:
+                die()
+        return fn(*args, **kwargs)
+    return call
+
+markdown = audit.markdown
+def arm(*args, **kwargs):  # from here on the new audit is complete: every later step is an instant to die at
+    armed[0] = True
+    return markdown(*args, **kwargs)
+audit.markdown = arm
+os.rename, os.replace, shutil.rmtree = counted(os.rename), counted(os.replace), counted(shutil.rmtree)
+if hasattr(audit, "exchange"):
+    audit.exchange = counted(audit.exchange)
+if point == "mid-deletion":  # one file of a folder being deleted is gone, the others not
+    unlink = os.unlink
+    def unlink_then_die(*args, **kwargs):
+        unlink(*args, **kwargs)
+        if armed[0]:
+            die()
+    os.unlink = unlink_then_die
+audit.run_audit(sys.argv[1], top=3)
+"""
+
+
+def _snapshot(folder):
+    """An audit folder's file names, and the bytes of its text files (the plots are compared by name)."""
+    return {p.name: p.read_bytes() if p.suffix in (".md", ".csv", ".txt") else None for p in sorted(folder.iterdir())}
+
+
+def test_the_audit_folder_is_whole_whatever_instant_the_audit_is_killed_at(flipped, tmp_path):
+    def fresh(where):
+        run = RunPaths(shutil.copytree(flipped["run"], where / "run", ignore=shutil.ignore_patterns("audit", ".*")))
+        run_audit(run.root, top=1)
+        (run.audit_dir / "old.txt").write_text("the audit before")
+        return run
+
+    template = fresh(tmp_path / "template")
+    old = _snapshot(template.audit_dir)
+    reference = RunPaths(shutil.copytree(template.root, tmp_path / "reference" / "run"))
+    run_audit(reference.root, top=3)
+    new = _snapshot(reference.audit_dir)
+    assert old != new and "old.txt" in old and "old.txt" not in new
+    instants = [("before", step) for step in range(1, 9)] + [("mid-deletion", 0)]
+    killed, finished = [], False
+    for point, step in instants:
+        if finished and point == "before":  # no later step to die at
+            continue
+        run = RunPaths(shutil.copytree(template.root, tmp_path / f"{point}{step}" / "run"))
+        proc = subprocess.run([sys.executable, "-c", AUDIT_KILLED, str(run.root), point, str(step)],
+                              capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if proc.returncode == 0:  # past the last step: the audit finished; no later instant to try
+            assert point == "before" and _snapshot(run.audit_dir) == new
+            finished = True
+            continue
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        assert run.audit_dir.is_dir(), f"killed at {point} {step}: no audit/ folder"
+        assert _snapshot(run.audit_dir) in (old, new), f"killed at {point} {step}: a mixed or partial audit"
+        killed.append(run)
+    assert len(killed) >= 3
+    for run in killed:
+        run_audit(run.root, top=3)  # the next audit of the run cleans up after the killed one
+        assert _snapshot(run.audit_dir) == new
+        assert not [p.name for p in run.root.iterdir() if p.name.startswith(".audit")]
+
+
+def test_leftovers_of_killed_audits_go_and_a_live_audits_stay(flipped, tmp_path, monkeypatch):
+    run = RunPaths(shutil.copytree(flipped["run"], tmp_path / "run", ignore=shutil.ignore_patterns("audit", ".*")))
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that has exited: its folders are a killed run's
+    live = subprocess.Popen(["sleep", "120"])
+    try:
+        dead_tmp, dead_old = run.root / f".audit.tmp{gone.pid}", run.root / f".audit.old{gone.pid}"
+        live_tmp = run.root / f".audit.tmp{live.pid}"
+        for folder in (dead_tmp, dead_old, live_tmp):
+            folder.mkdir()
+            (folder / "audit.md").write_text(folder.name)
+        # Killed between setting the old audit aside and putting the new one in place (a file system that cannot
+        # swap two folders): the next audit first puts the old one back, then replaces it.
+        assert not run.audit_dir.exists()
+        from featstack.audit import remove_leftovers
+        remove_leftovers(run)
+        assert (run.audit_dir / "audit.md").read_text() == dead_old.name and not dead_tmp.exists()
+        sibling = tmp_path / "another-run"  # a killed audit of another run in the same models folder
+        (sibling / f".audit.tmp{gone.pid}").mkdir(parents=True)
+        (sibling / "config.json").write_text("{}")
+        run_audit(run.root)
+        assert (run.audit_dir / "label_issues.csv").is_file() and not dead_old.exists()
+        assert not (sibling / f".audit.tmp{gone.pid}").exists()
+        assert (live_tmp / "audit.md").read_text() == live_tmp.name  # another audit still writing: left alone
+        # Where two folders cannot be swapped, the old audit is set aside, the new one put in place, the old deleted.
+        from featstack import audit
+        monkeypatch.setattr(audit, "exchange", lambda a, b: False)
+        (run.audit_dir / "old.txt").write_text("the audit before")
+        run_audit(run.root)
+        assert not (run.audit_dir / "old.txt").exists() and (run.audit_dir / "label_issues.csv").is_file()
+        assert sorted(p.name for p in run.root.iterdir() if p.name.startswith(".")) == [live_tmp.name]
+    finally:
+        live.kill()
+        live.wait()

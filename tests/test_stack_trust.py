@@ -276,3 +276,32 @@ def test_random_weights_are_said_in_every_report(tmp_path, store, capsys):
     trained = artefacts("trained")
     assert trained["report.json"] == "trained" and trained["confusion.png"] == "trained: holdout"
     assert "RANDOM" not in trained["console"] + trained["report.md"]
+
+
+# --- #20 item 6: hidden folders of killed stack.py runs are removed by the next run, never a live run's ------------
+
+STACK_KILLED = """
+import os, signal, sys
+from featstack import stack
+# Killed when the finished run folder is about to be renamed into place: its hidden folder stays behind.
+stack.os.rename = lambda a, b: os.kill(os.getpid(), signal.SIGKILL)
+stack.run_stack(sys.argv[1], folds=3, models_dir=sys.argv[2], run_id="killed")
+"""
+
+
+def test_folders_of_killed_runs_are_removed_by_the_next_run_never_a_live_ones(tmp_path, store):
+    models = tmp_path / "m"
+    proc = subprocess.run([sys.executable, "-c", STACK_KILLED, str(store.root), str(models)], capture_output=True,
+                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    left = list(models.glob(".killed.tmp*"))
+    assert len(left) == 1 and (left[0] / "config.json").is_file(), "the killed run left its hidden folder"
+    live = subprocess.Popen(["sleep", "120"])
+    try:
+        writing = models / f".another.tmp{live.pid}"  # a stack.py run still writing its folder
+        writing.mkdir()
+        run = _small_run(store, tmp_path)
+        assert sorted(p.name for p in models.iterdir()) == [writing.name, run.name]
+    finally:
+        live.kill()
+        live.wait()

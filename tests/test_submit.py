@@ -108,7 +108,8 @@ def test_invalid_run_writes_nothing(tmp_path):
     run = make_run(tmp_path / "run", ["a", "b"], ["x", "y"], "folders")
     pd.DataFrame({"id": ["a", "b"], "x": [0.5, np.nan], "y": [0.5, 0.5]}).to_csv(run / "test_predictions.csv",
                                                                                   index=False)
-    with pytest.raises(FeatstackError, match="finite"):
+    with pytest.raises(FeatstackError, match=r"test_predictions\.csv: line 3 \(id 'b'\): column 'x' is empty, not a "
+                                             r"probability in \[0, 1\]"):
         submit(run, submissions_dir=tmp_path / "subs")
     assert not (tmp_path / "subs").exists() or not list((tmp_path / "subs").iterdir())
 
@@ -218,10 +219,10 @@ def _predictions(run, rows):
 
 
 @pytest.mark.parametrize("rows, kwargs, match", [
-    ([("a", 1.0, 1.0), ("b", 0.5, 0.5)], {}, r"rows must sum to 1 ± 1e-06: ids a"),
-    ([("a", 1.0, 1.0), ("b", 0.5, 0.5)], {"clip": 0.01}, r"rows must sum to 1 ± 1e-06: ids a"),
-    ([("a", 0.2, 1.8), ("b", 0.5, 0.5)], {}, r"within \[0, 1\]: id 'a' column 'y' is 1.8"),
-    ([("a", 0.2, 1.8), ("b", 0.5, 0.5)], {"clip": 0.01}, r"within \[0, 1\]: id 'a' column 'y' is 1.8"),
+    ([("a", 1.0, 1.0), ("b", 0.5, 0.5)], {}, r"csv: line 2 \(id 'a'\): the probabilities sum to 2, not 1"),
+    ([("a", 1.0, 1.0), ("b", 0.5, 0.5)], {"clip": 0.01}, r"line 2 \(id 'a'\): the probabilities sum to 2, not 1"),
+    ([("a", 0.2, 1.8), ("b", 0.5, 0.5)], {}, r"line 2 \(id 'a'\): column 'y' is '1\.8', not a probability in \[0, 1\]"),
+    ([("a", 0.2, 1.8), ("b", 0.5, 0.5)], {"clip": 0.01}, r"line 2 \(id 'a'\): column 'y' is '1\.8'"),
     ([("a", 0.5, 0.5), ("b", 0.5, 0.5), ("a", 0.5, 0.5)], {}, r"test_predictions\.csv: duplicate ids a"),
     ([("a", 0.5, 0.5)], {}, r"test_predictions\.csv: missing 1 test ids of .*split\.csv: b"),
     ([("a", 0.5, 0.5), ("b", 0.5, 0.5), ("c", 0.5, 0.5)], {}, r"1 ids are not test ids of .*split\.csv: c"),
@@ -339,3 +340,120 @@ def test_kaggle_beside_the_interpreter_comes_before_path(tmp_path, fake_kaggle, 
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))  # PATH without any kaggle: the venv's is still found
     submit(run, competition="c", message="m", submissions_dir=tmp_path / "subs")
     assert len(_calls(fake_kaggle["record"])) == 2
+
+
+ECHO_DISGUISED = """
+import base64
+user, key = os.environ["KAGGLE_USERNAME"], os.environ["KAGGLE_KEY"]
+basic = base64.b64encode(f"{user}:{key}".encode()).decode()
+print("key in capitals:", key.upper())
+print("key as base64:", base64.b64encode(key.encode()).decode())
+print("key wrapped: " + key[:9] + "\\n" + key[9:])
+print("send: Authorization: Basic " + basic[:17] + "\\n      " + basic[17:], file=sys.stderr)
+print("401 - Unauthorized")
+sys.exit(1)
+"""
+
+
+def test_credentials_in_capitals_base64_or_split_over_lines_are_redacted(tmp_path, fake_kaggle, monkeypatch, capsys):
+    """#20 item 9: a tool that prints the key in upper case, base64-encoded alone, or wrapped over two lines."""
+    import base64
+    import re
+    script = next(p for p in (tmp_path / "bin").iterdir())
+    script.write_text(script.read_text().replace('mode = os.environ.get("FAKE_KAGGLE_MODE", "ok")',
+                                                 ECHO_DISGUISED + '\nmode = "ok"'))
+    user, key = "kaggle-user-x", "0123456789abcdef0123456789abcdef"
+    monkeypatch.setenv("KAGGLE_USERNAME", user)
+    monkeypatch.setenv("KAGGLE_KEY", key)
+    run = make_run(tmp_path / "run", ["1"], ["cat", "dog"], "cats-dogs")
+    with pytest.raises(FeatstackError, match=r"submit failed: .* — your API key is wrong") as err:
+        submit(run, competition="c", message="m", submissions_dir=tmp_path / "subs")
+    printed = capsys.readouterr()
+    shown = printed.out + printed.err + str(err.value) + (tmp_path / "subs" / "log.csv").read_text()
+    assert "key in capitals: ***" in shown and "key as base64: ***" in shown and "key wrapped: ***" in shown
+    assert "Authorization: Basic ***" in shown, shown
+    # However it is cut or cased, no form of the key is left: compared with every line break and space removed.
+    squashed = re.sub(r"\s+", "", shown).lower()
+    forms = [key, base64.b64encode(key.encode()).decode(), base64.b64encode(f"{user}:{key}".encode()).decode()]
+    assert not [f for f in forms if f.lower() in squashed], shown
+    assert not [f for f in forms for half in (f[:12], f[-12:]) if half.lower() in squashed], shown
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"", r"test_predictions\.csv: the file is empty \(0 bytes\), not a predictions table"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", r"test_predictions\.csv: binary content \(a NUL byte at byte 8\)"),
+    (b"id,x,y\na,0.5,0.5\nb,\xff\xfe,0.5\n", r"test_predictions\.csv: binary content \(not UTF-8 text at byte 19\)"),
+    (b"id,x,y\n", r"test_predictions\.csv: a header without rows: run run has no test predictions"),
+    (b"id,x,y\na,0.5,0.5\nb,inf,0\n", r"test_predictions\.csv: line 3 \(id 'b'\): column 'x' is 'inf', not a "
+                                     r"probability in \[0, 1\]"),
+    (b"id,x,y\na,-0.5,1.5\nb,0.5,0.5\n", r"line 2 \(id 'a'\): column 'x' is '-0\.5'"),
+    (b"id,x,y\na,0.5,0.5\nb,nan,nan\n", r"line 3 \(id 'b'\): column 'x' is 'nan'"),
+    (b"id,x,y\na,0.5,0.5\nb,0.25,0.25\n", r"line 3 \(id 'b'\): the probabilities sum to 0\.5, not 1"),
+])
+def test_empty_binary_or_bad_predictions_file_is_named_with_what_is_wrong(tmp_path, content, match):
+    """#20 items 4 and 8: the file and row named, not 'the dataset has no test images'; nothing written."""
+    run = make_run(tmp_path / "run", ["a", "b"], ["x", "y"], "folders")
+    (run / "test_predictions.csv").write_bytes(content)
+    with pytest.raises(FeatstackError, match=match):
+        submit(run, submissions_dir=tmp_path / "subs")
+    assert not (tmp_path / "subs").exists()
+
+
+def test_missing_predictions_file_is_named_in_full(tmp_path):
+    """#20 item 8: the whole path, not one cut mid-word."""
+    run = make_run(tmp_path / ("a-long-folder-name-" * 4) / "run", ["a"], ["x", "y"], "folders")
+    (run / "test_predictions.csv").unlink()
+    with pytest.raises(FeatstackError) as err:
+        submit(run, submissions_dir=tmp_path / "subs")
+    assert str(err.value).startswith(f"{run / 'test_predictions.csv'}: no such file; "), str(err.value)
+
+
+def test_log_keeps_the_columns_and_rows_it_does_not_know(tmp_path):
+    """#20 item 3: a user's lb_score column, and a log with another header, survive the next submit.py."""
+    subs = tmp_path / "subs"
+    run = make_run(tmp_path / "run", ["1", "2"], ["cat", "dog"], "cats-dogs")
+    submit(run, submissions_dir=subs)
+    log = subs / "log.csv"
+    frame = pd.read_csv(log, dtype=str, keep_default_na=False)
+    frame["lb_score"] = ["0.41234"]
+    frame.to_csv(log, index=False)  # the user's column, as pandas (or a spreadsheet) saves it
+    before = log.read_bytes()
+    submit(run, submissions_dir=subs)
+    assert log.read_bytes().startswith(before)  # append-only: every byte kept
+    back = pd.read_csv(log, dtype=str, keep_default_na=False)
+    assert list(back.columns) == list(frame.columns) and list(back.lb_score) == ["0.41234", ""]
+    assert list(back.run_id) == ["run", "run"] and list(back.status) == ["written", "written"]
+
+    # Another header altogether, its last line without a line break: its rows stay, featstack's columns join it.
+    log.write_text('date,run,lb_score,notes\n2025-01-01,r1,0.5,"first, try"\n2025-01-02,r2,,')
+    submit(run, submissions_dir=subs)
+    lines = log.read_text().splitlines()
+    assert lines[1:3] == ['2025-01-01,r1,0.5,"first, try"', "2025-01-02,r2,,"] and len(lines) == 4
+    back = pd.read_csv(log, dtype=str, keep_default_na=False)
+    assert list(back.columns[:4]) == ["date", "run", "lb_score", "notes"] and "run_id" in back.columns
+    assert back.notes[0] == "first, try" and back.lb_score[0] == "0.5" and back.run_id[2] == "run"
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"time,run_id,message\n2025-01-01,r1,caf\xe9 cr\xe8me\n", r"log\.csv: not UTF-8 text \(byte 37\)"),
+    (b"\x00\x01\x02PK\x03\x04", r"log\.csv: binary content \(a NUL byte at byte 0\)"),
+    ("time,run_id\n2025,r1\n".encode("utf-16"), r"log\.csv: UTF-16 text, not UTF-8"),
+    (b'time,run_id,message\n2025-01-01,r1,"never closed\n', r"log\.csv: not a readable CSV table"),
+])
+def test_unreadable_log_stops_submit_before_anything_is_written(tmp_path, fake_kaggle, monkeypatch, content, match):
+    """#20 item 3: one line, exit 2, no submission file, no kaggle call, the log untouched."""
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "tok-123456")
+    subs = tmp_path / "subs"
+    subs.mkdir()
+    (subs / "log.csv").write_bytes(content)
+    run = make_run(tmp_path / "run", ["1", "2"], ["cat", "dog"], "cats-dogs")
+    with pytest.raises(FeatstackError, match=match + r".*only ever appended to, so nothing was written"):
+        submit(run, competition="c", message="m", submissions_dir=subs)
+    assert [p.name for p in subs.iterdir()] == ["log.csv"] and (subs / "log.csv").read_bytes() == content
+    assert not _calls(fake_kaggle["record"])
+    if b"caf" in content:  # the same from the command line: one line, exit 2
+        proc = subprocess.run([sys.executable, str(ROOT / "submit.py"), "--run", str(run), "--submissions-dir",
+                               str(subs)], capture_output=True, text=True)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith(f"error: {subs / 'log.csv'}: ")
+        assert [p.name for p in subs.iterdir()] == ["log.csv"]
