@@ -635,6 +635,7 @@ def plot_class_balance(fs: FeatureSet, png: Path) -> None:
     frame = frame[frame["split"].isin(["train", "holdout"])]
     counts = frame.groupby(["label", "split"]).size().unstack(fill_value=0).reindex(columns=["train", "holdout"],
                                                                                     fill_value=0)
+    counts = counts.reindex([c for c in fs.classes if c in counts.index])  # the dataset's class order
     n = len(counts)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.14 * n + 2), 4.5))
     ax.bar(range(n), counts["train"], label="train", color="#4878a8")

@@ -81,8 +81,8 @@ def place_new(table: pd.DataFrame, new: pd.Series, holdout: float, seed: int) ->
         held = int((of_class & ~new & split.eq("holdout")).sum())
         wanted = min(len(rows), max(0, round(holdout * int(of_class.sum())) - held))
         order = sorted(rows, key=lambda r: _hash_fraction(table.at[r, "id"], seed))
-        split[order[:wanted]] = "holdout"
-        split[order[wanted:]] = "train"
+        split.loc[order[:wanted]] = "holdout"
+        split.loc[order[wanted:]] = "train"
     return split
 
 
@@ -109,7 +109,7 @@ def reconcile(saved: pd.DataFrame, table: pd.DataFrame, holdout: float, seed: in
     if changed:
         i, before, after = changed[0]
         print(f"{len(changed)} label{'s' if len(changed) != 1 else ''} changed since the last run (first: {i} "
-              f"{before or '(test)'} → {after or '(test)'}); each keeps its split")
+              f"{before or '(test)'} → {after or '(test)'}); labelled images keep their side of the split")
     if gone:
         print(f"{len(gone)} image{'s' if len(gone) != 1 else ''} gone since the last run (first: {gone[0]}); "
               "left out of split.csv (their cached features stay in the store, unused)")
@@ -155,7 +155,8 @@ def plan_split(paths: DatasetPaths, table: pd.DataFrame, *, holdout: float, seed
         if meta.get("data") and meta["data"] != data_path:
             raise FeatstackError(
                 f"--name {paths.name}: {paths.root} holds the features of {meta['data']}, not of {data_path}; pass "
-                f"another --name for this folder, or delete {paths.root} to rebuild the store for it")
+                f"another --name for this folder, or delete {paths.root} to rebuild the store for it (if the same data "
+                f"only moved, set \"data\" in {paths.dataset_json} to its new path)")
         old = {k: meta.get(k) for k in params}
         if old != params:
             raise FeatstackError(
