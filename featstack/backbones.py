@@ -175,7 +175,8 @@ class Backbone:
             keras.config.set_dtype_policy("mixed_bfloat16")
         try:
             if self.preset:
-                self.model, self.registers = hub.build_model(self.hub_facts.folder, self.hub_facts.class_name)
+                self.model, self.registers = hub.build_model(self.hub_facts.folder, self.hub_facts.class_name,
+                                                             "mixed_bfloat16" if self.precision == "bf16" else None)
             else:
                 self.model = self._load_model_file() if self.model_path else self._construct()
         finally:
@@ -235,7 +236,7 @@ class Backbone:
         return model
 
     def features(self, images: np.ndarray) -> np.ndarray:
-        """float32 (n, width) features of a uint8 (n, s, s, 3) batch."""
+        """float32 (n, width) features of a decoded (n, h, w, 3) batch (uint8; float32 from a hub preset's resize)."""
         n = len(images)
         rows = max(n, self.batch_rows or 0)
         x = self._preprocess(images)
@@ -251,7 +252,6 @@ class Backbone:
         if self.tta == "flip":
             out = (out[:rows] + out[rows:]) * 0.5  # flipped views are averaged, so the width stays that of the backbone
         return out[:n].reshape(n, -1)
-
 
     def _preprocess(self, images: np.ndarray) -> np.ndarray:
         if not self.preset:

@@ -177,11 +177,12 @@ def check_pooling(preset: str, class_name: str, pooling: str) -> None:
                              f"{' or '.join(f'{p} ({POOLINGS[p]})' for p in valid)}; omit --pooling for its default")
 
 
-def build_model(folder: Path, class_name: str):
+def build_model(folder: Path, class_name: str, dtype: str | None = None):
     """The preset's model, taking a plain image batch, whose output the readout turns into one vector per photo."""
     import keras
     keras_hub = import_hub()
-    backbone = keras_hub.models.Backbone.from_preset(str(folder))
+    # A preset's config names its own dtype; --precision bf16 must override it, as it does for the registry.
+    backbone = keras_hub.models.Backbone.from_preset(str(folder), **({"dtype": dtype} if dtype else {}))
     encoder = backbone.vision_encoder if class_name in EMBEDDING_CLASSES else backbone
     images = keras.Input(shape=encoder.image_shape, name="images")
     out = encoder({"images": images})

@@ -185,3 +185,21 @@ def test_predict_and_app_answer_a_run_stacking_a_hub_and_a_classic_backbone(tmp_
     for result, want in zip(r.json()["results"], holdout[classes].to_numpy()):
         probs = {p["class"]: p["probability"] for p in result["predictions"]}
         np.testing.assert_allclose([probs[c] for c in classes], want, atol=2e-5)
+
+
+def test_ray_engine_stages_carry_a_hub_backbone(tmp_path, odd_photos, hub_presets):
+    """The Ray engine's decode task and model actor (run here without a cluster) store what the local engine does."""
+    import copy
+
+    from featstack.ray_engine import DecodeBatch, ExtractActor
+    s = extract(ExtractConfig(odd_photos, backbones=[f"hub:{hub_presets['siglip']}"], features_dir=tmp_path / "f",
+                              progress=False))
+    entry = read_entry(s.jobs[0].writer.final)
+    paths = photo_paths(s, odd_photos)
+    shipped = copy.copy(s.jobs[0].backbone)
+    shipped.model = None  # as run_jobs_ray ships it: the actor builds its own
+    batch = DecodeBatch((shipped.input_key,))({"id": np.array(entry.ids, dtype=object),
+                                               "path": np.array([paths[i] for i in entry.ids], dtype=object)})
+    out = ExtractActor([shipped], [set(entry.ids)])(batch)
+    err = np.linalg.norm(out["feat0"] - entry.features, axis=1) / np.linalg.norm(entry.features, axis=1)
+    assert err.max() < 1e-5
