@@ -164,11 +164,11 @@ def test_predict_and_app_answer_a_run_stacking_a_hub_and_a_classic_backbone(tmp_
     from featstack.serve import ServeConfig, create_app
     from featstack.stack import run_stack
 
-    weights = make_weights_dir(tmp_path / "w", ["resnet50"], 32)
-    s = extract(ExtractConfig(odd_photos, backbones=[f"hub:{hub_presets['dinov2']}", "resnet50"],
+    weights = make_weights_dir(tmp_path / "w", ["vgg16"], 32)
+    s = extract(ExtractConfig(odd_photos, backbones=[f"hub:{hub_presets['dinov2']}", "vgg16"],
                               weights=str(weights), image_size=32, holdout=0.25, features_dir=tmp_path / "f",
                               batch_size=4, progress=False))
-    assert [j.backbone.name for j in s.jobs] == ["hub:dinov2", "resnet50"]
+    assert [j.backbone.name for j in s.jobs] == ["hub:dinov2", "vgg16"]
     run = run_stack(s.paths.root, model="stack", folds=2, models_dir=tmp_path / "m")
     run_select(s.paths.root, folds=2, models_dir=tmp_path / "m")  # --select ranks a hub backbone like any other
     holdout = pd.read_csv(run / "holdout_predictions.csv", dtype={"id": str, "label": str})
@@ -176,7 +176,7 @@ def test_predict_and_app_answer_a_run_stacking_a_hub_and_a_classic_backbone(tmp_
     assert len(holdout) >= 2
     paths = [odd_photos / "train" / f"{i}.jpg" for i in holdout.id]
     predictor = Predictor(run)
-    assert [b.name for b in predictor.backbones] == ["hub:dinov2", "resnet50"]
+    assert [b.name for b in predictor.backbones] == ["hub:dinov2", "vgg16"]
     got = np.stack([p for _, p, _ in predictor.predict([str(p) for p in paths], batch_size=3)])
     np.testing.assert_allclose(got, holdout[classes].to_numpy(), atol=2e-5)
     with TestClient(create_app(ServeConfig(), predictor)) as client:
