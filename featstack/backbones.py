@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import hub
 from .errors import FeatstackError
 from .paths import safe_name
 
@@ -41,6 +42,10 @@ def _notop(stem: str) -> Callable[[int], str]:
     return lambda size: f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
+def _named(model_name: str) -> Callable[[int], str]:
+    return lambda size: f"{model_name}_notop.h5"  # ConvNeXt and EfficientNetV2 name the file after the model
+
+
 REGISTRY: dict[str, BackboneSpec] = {
     "xception": BackboneSpec("Xception", 299, "tf", 2048, _notop("xception"), min_size=71),
     "inception_v3": BackboneSpec("InceptionV3", 299, "tf", 2048, _notop("inception_v3"), min_size=75),
@@ -50,6 +55,16 @@ REGISTRY: dict[str, BackboneSpec] = {
     "inception_resnet_v2": BackboneSpec("InceptionResNetV2", 299, "tf", 1536, _notop("inception_resnet_v2"),
                                         min_size=75),
     "efficientnet_b0": BackboneSpec("EfficientNetB0", 224, "none", 1280, lambda size: "efficientnetb0_notop.h5"),
+    "resnet152": BackboneSpec("ResNet152", 224, "caffe", 2048, _notop("resnet152")),
+    "nasnet_large": BackboneSpec("NASNetLarge", 331, "tf", 4032, lambda size: "nasnet_large_no_top.h5"),
+    # ConvNeXt and EfficientNetV2 normalise inside the model (include_preprocessing=True): they take 0-255 pixels.
+    **{f"convnext_{v}": BackboneSpec(f"ConvNeXt{c}", 224, "none", w, _named(f"convnext_{v}"))
+       for v, c, w in (("tiny", "Tiny", 768), ("small", "Small", 768), ("base", "Base", 1024),
+                       ("large", "Large", 1536), ("xlarge", "XLarge", 2048))},
+    **{f"efficientnetv2_{v}": BackboneSpec(f"EfficientNetV2{v.upper()}", size, "none", w,
+                                           _named(f"efficientnetv2-{v}"))
+       for v, size, w in (("b0", 224, 1280), ("b1", 240, 1280), ("b2", 260, 1408), ("b3", 300, 1536),
+                          ("s", 384, 1280), ("m", 480, 1280), ("l", 480, 1280))},
 }
 DEFAULT_BACKBONES = ("xception", "inception_v3", "resnet50", "vgg16")
 
@@ -110,7 +125,7 @@ class Backbone:
     pooling: str
     tta: str
     precision: str
-    weights: str  # imagenet | random | dir | file
+    weights: str  # imagenet | random | dir | file | preset
     weights_file: str | None = None  # the file the weights come from, when there is one
     weights_sha256: str | None = None
     seed: int = 0
@@ -118,7 +133,15 @@ class Backbone:
     layer: str | None = None
     width: int | None = None
     batch_rows: int | None = None  # shorter batches are padded to this many rows (see features)
+    preset: str | None = None  # a keras-hub preset (name or folder), as given after hub:
+    hub_facts: hub.PresetFacts | None = field(default=None, repr=False)
+    registers: int = 0  # register tokens of a hub ViT, left out of patch pooling
     model: object = field(default=None, repr=False)
+
+    @property
+    def input_key(self):
+        """What the decoder makes for this backbone: a square size, or a hub preset's own resize."""
+        return self.hub_facts.resize if self.hub_facts else self.input_size
 
     @property
     def spec(self) -> BackboneSpec | None:
@@ -129,6 +152,8 @@ class Backbone:
         import keras
         ident = {"backbone": self.name, "input_size": self.input_size, "preprocess": self.preprocess,
                  "pooling": self.pooling, "tta": self.tta, "precision": self.precision, "weights": self.weights}
+        if self.preset:
+            ident["resize"] = str(self.hub_facts.resize)
         if self.weights == "random":
             ident["weights_seed"] = self.seed
             ident["keras_backend"] = keras.backend.backend()  # each backend draws its own random numbers
@@ -156,6 +181,9 @@ class Backbone:
         out = {**self.identity(), "keras_version": keras.__version__, "keras_backend": keras.backend.backend(),
                "weights_file": self.weights_file or "", "weights_sha256": self.weights_sha256 or "",
                "model_path": self.model_path or "", "width": int(self.width or 0)}
+        if self.preset:
+            out |= {"preset": self.preset, "preset_class": self.hub_facts.class_name,
+                    "preset_files": json.dumps(self.hub_facts.files, sort_keys=True)}
         return out
 
     def build(self) -> None:
@@ -167,7 +195,11 @@ class Backbone:
         if self.precision == "bf16":
             keras.config.set_dtype_policy("mixed_bfloat16")
         try:
-            self.model = self._load_model_file() if self.model_path else self._construct()
+            if self.preset:
+                self.model, self.registers = hub.build_model(self.hub_facts.folder, self.hub_facts.class_name,
+                                                             "mixed_bfloat16" if self.precision == "bf16" else None)
+            else:
+                self.model = self._load_model_file() if self.model_path else self._construct()
         finally:
             keras.config.set_dtype_policy(policy)
         self.width = int(self.model.output_shape[-1])
@@ -225,10 +257,10 @@ class Backbone:
         return model
 
     def features(self, images: np.ndarray) -> np.ndarray:
-        """float32 (n, width) features of a uint8 (n, s, s, 3) batch."""
+        """float32 (n, width) features of a decoded (n, h, w, 3) batch (uint8; float32 from a hub preset's resize)."""
         n = len(images)
         rows = max(n, self.batch_rows or 0)
-        x = preprocess(images.astype(np.float32), self.preprocess)  # a fresh copy: preprocess_input works in place
+        x = self._preprocess(images)
         if rows > n:
             # One input shape per model: JAX (and XLA on TensorFlow GPUs) compile each new shape again, which
             # costs seconds a model on a GPU; zero rows pass through inference alone, without touching real rows.
@@ -236,16 +268,27 @@ class Backbone:
         if self.tta == "flip":
             x = np.concatenate([x, x[:, :, ::-1]])
         out = np.asarray(self.model.predict_on_batch(x), dtype=np.float32)
+        if self.preset:
+            out = hub.readout(out, self.pooling, self.registers)
         if self.tta == "flip":
             out = (out[:rows] + out[rows:]) * 0.5  # flipped views are averaged, so the width stays that of the backbone
         return out[:n].reshape(n, -1)
+
+    def _preprocess(self, images: np.ndarray) -> np.ndarray:
+        if not self.preset:
+            return preprocess(images.astype(np.float32), self.preprocess)  # a copy: preprocess_input works in place
+        x = images.astype(np.float32)  # the converter's rescale, after its resize (done by the decoder)
+        for value, combine in ((self.hub_facts.scale, np.multiply), (self.hub_facts.offset, np.add)):
+            if value is not None:
+                x = combine(x, np.asarray(value, np.float32), dtype=np.float32)
+        return x
 
 
 def run_backbones(backbones: list[Backbone], arrays: dict[int, np.ndarray],
                   wanted: list[np.ndarray | None] | None = None) -> tuple[list[np.ndarray | None], list[float]]:
     """Every backbone's features of one decoded batch: the one loop the local engine, Ray actors and Predictor share.
 
-    ``arrays`` is decode_batch's ``{size: uint8 (n, size, size, 3)}``; ``wanted[k]`` is a boolean mask of the rows
+    ``arrays`` is decode_batch's ``{input_key: (n, height, width, 3)}``; ``wanted[k]`` is a boolean mask of the rows
     backbone ``k`` needs (None: all). Returns, per backbone, float32 features of its wanted rows (None when it
     wants none), and the seconds its forward passes took.
     """
@@ -253,7 +296,7 @@ def run_backbones(backbones: list[Backbone], arrays: dict[int, np.ndarray],
     feats: list[np.ndarray | None] = []
     seconds: list[float] = []
     for k, b in enumerate(backbones):
-        images = arrays[b.input_size]
+        images = arrays[b.input_key]
         mask = wanted[k] if wanted is not None else None
         if mask is not None and not mask.all():
             images = images[mask]
@@ -267,12 +310,13 @@ def run_backbones(backbones: list[Backbone], arrays: dict[int, np.ndarray],
     return feats, seconds
 
 
-def resolve(names: list[str], *, weights: str = "imagenet", image_size: int | None = None, pooling: str = "avg",
+def resolve(names: list[str], *, weights: str = "imagenet", image_size: int | None = None, pooling: str | None = None,
             tta: str = "none", preprocess_mode: str | None = None, precision: str = "float32",
             seed: int = 0) -> list[Backbone]:
     """Backbone configurations for command-line names; unknown names list the valid ones."""
-    for option, value, valid in (("--pooling", pooling, POOLINGS), ("--tta", tta, TTAS),
-                                 ("--precision", precision, PRECISIONS)):
+    if pooling is not None and pooling not in (*POOLINGS, *hub.POOLINGS):
+        raise FeatstackError(f"--pooling {pooling}: choose one of avg, max (hub: encoders: also token, pooled)")
+    for option, value, valid in (("--tta", tta, TTAS), ("--precision", precision, PRECISIONS)):
         if value not in valid:
             raise FeatstackError(f"{option} {value}: choose one of {', '.join(valid)}")
     if preprocess_mode is not None and preprocess_mode not in PREPROCESS_MODES[:3]:
@@ -283,8 +327,14 @@ def resolve(names: list[str], *, weights: str = "imagenet", image_size: int | No
         raise FeatstackError(f"--backbones {','.join(names)}: a backbone is named twice")
     out = []
     for name in names:
+        if hub.is_hub(name):
+            out.append(_hub_backbone(name.removeprefix(hub.PREFIX), weights, pooling, tta, precision, seed))
+            continue
+        if pooling not in (None, *POOLINGS):
+            raise FeatstackError(f"--pooling {pooling}: {name} pools avg or max ({pooling} is for hub: encoders)")
+        pooling_ = pooling or "avg"
         if is_model_file(name):
-            out.append(_model_file_backbone(name, image_size, pooling, tta, preprocess_mode, precision, seed))
+            out.append(_model_file_backbone(name, image_size, pooling_, tta, preprocess_mode, precision, seed))
             continue
         spec = REGISTRY.get(name)
         if spec is None:
@@ -293,11 +343,26 @@ def resolve(names: list[str], *, weights: str = "imagenet", image_size: int | No
         size = image_size or spec.input_size
         if size < spec.min_size:
             raise FeatstackError(f"--image-size {size}: {name} needs at least {spec.min_size} px")
-        b = Backbone(name=name, input_size=size, preprocess=spec.preprocess, pooling=pooling, tta=tta,
+        b = Backbone(name=name, input_size=size, preprocess=spec.preprocess, pooling=pooling_, tta=tta,
                      precision=precision, weights=weights, seed=seed, width=spec.width)
         _resolve_weights(b, spec.weights_file(size))
         out.append(b)
     return out
+
+
+def _hub_backbone(preset: str, weights: str, pooling: str | None, tta: str, precision: str, seed: int) -> Backbone:
+    """A keras-hub preset: its converter decides size and normalisation; its files are its weights' identity."""
+    if weights == "random":
+        raise FeatstackError(f"--weights random: does not apply to hub:{preset}, whose weights are the preset's own; "
+                             "drop --weights random (or extract the hub backbone in a run of its own)")
+    if not preset:
+        raise FeatstackError("--backbones hub:: name a keras-hub preset or a preset folder after hub:")
+    facts = hub.read_preset(preset)
+    pooling = pooling or hub.default_pooling(facts.class_name)
+    hub.check_pooling(preset, facts.class_name, pooling)
+    return Backbone(name=hub.short_name(preset), input_size=facts.resize.height, preprocess="hub", pooling=pooling,
+                    tta=tta, precision=precision, weights="preset", weights_file=str(facts.folder),
+                    weights_sha256=hub.digest(facts.files), seed=seed, preset=preset, hub_facts=facts)
 
 
 def _resolve_weights(b: Backbone, canonical: str) -> None:

@@ -119,23 +119,35 @@ def resize(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def decode_batch(paths: list[str], sizes: tuple[int, ...]) -> tuple[dict[int, np.ndarray], list[str | None]]:
-    """Decode each path once and resize once per distinct size.
+def to_input(img: Image.Image, key) -> np.ndarray:
+    """One decoded photo as a backbone takes it: ``key`` is a square size (uint8, as load_img) or a keras-hub
+    preset's resize (float32, exactly its ImageConverter's; see hub.HubResize)."""
+    return resize(img, key) if isinstance(key, int) else key.apply(img)
 
-    Returns ``{size: uint8 (n_ok, size, size, 3)}`` over the images that decoded, and a per-path list
+
+def empty(key) -> np.ndarray:
+    if isinstance(key, int):
+        return np.zeros((0, key, key, 3), np.uint8)
+    return np.zeros((0, key.height, key.width, 3), np.float32)
+
+
+def decode_batch(paths: list[str], sizes: tuple) -> tuple[dict, list[str | None]]:
+    """Decode each path once and resize once per distinct input key (size, or a hub preset's resize).
+
+    Returns ``{key: (n_ok, height, width, 3)}`` over the images that decoded, and a per-path list
     of ``None`` (decoded) or the reason it could not be.
     """
-    arrays: dict[int, list[np.ndarray]] = {s: [] for s in sizes}
+    arrays: dict = {s: [] for s in sizes}
     errors: list[str | None] = []
     for path in paths:
         try:
             img = decode_rgb(path)
-            resized = {s: resize(img, s) for s in sizes}
+            resized = {s: to_input(img, s) for s in sizes}
         except BadImage as exc:
             errors.append(str(exc))
             continue
         for s in sizes:
             arrays[s].append(resized[s])
         errors.append(None)
-    stacked = {s: (np.stack(a) if a else np.zeros((0, s, s, 3), np.uint8)) for s, a in arrays.items()}
+    stacked = {s: (np.stack(a) if a else empty(s)) for s, a in arrays.items()}
     return stacked, errors

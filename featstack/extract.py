@@ -61,7 +61,7 @@ def auto_batch_size() -> int:
     return 128 if gpus else 32
 
 
-def decoded_batches(ids: list[str], paths: list[str], sizes: tuple[int, ...], batch_size: int,
+def decoded_batches(ids: list[str], paths: list[str], sizes: tuple, batch_size: int,
                     threads: int) -> Iterator[tuple[list[str], list[str], dict, list]]:
     """Decoded batches in order, decoding up to ``threads + 1`` batches ahead of the consumer."""
     starts = iter(range(0, len(ids), batch_size))
@@ -88,7 +88,7 @@ def run_jobs(jobs: list[Job], table: pd.DataFrame, *, batch_size: int, threads: 
     """The local engine: only loops reader -> backbones -> writers. Returns the images that failed to decode."""
     needed = set().union(*(j.todo for j in jobs)) if jobs else set()
     todo = table[table["id"].isin(needed)]
-    sizes = tuple(sorted({j.backbone.input_size for j in jobs if j.todo}))
+    sizes = tuple(sorted({j.backbone.input_key for j in jobs if j.todo}, key=str))
     bad_rows = []
     bar = tqdm(total=len(todo), unit="img", desc="extract", disable=not progress, smoothing=0.1)
     for batch_ids, batch_paths, arrays, errors in decoded_batches(
@@ -152,7 +152,7 @@ class ExtractConfig:
     weights: str = "imagenet"
     preprocess: str | None = None
     image_size: int | None = None
-    pooling: str = "avg"
+    pooling: str | None = None  # None: avg for registry backbones, a hub encoder's own readout (class token, embedding)
     tta: str = "none"
     features_dir: str | Path = "features"
     name: str | None = None

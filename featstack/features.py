@@ -16,6 +16,8 @@ from .store import read_attrs, read_entry
 
 # Attributes that must agree across backbones stacked together; input size and weights file differ by design.
 MUST_AGREE = ("pooling", "tta", "precision")
+# A hub encoder's own readout (class token, image embedding) is its default, not a choice that could disagree.
+OWN_READOUTS = ("token", "pooled")
 
 
 @dataclass
@@ -131,7 +133,8 @@ def load_features(features: str | Path, backbones: list[str] | None = None, allo
     meta = read_dataset_meta(paths)
     entries = {name: read_entry(path) for name, path in _choose(paths, backbones).items()}
     for key in MUST_AGREE:
-        values = {name: e.attrs.get(key) for name, e in entries.items()}
+        values = {name: e.attrs.get(key) for name, e in entries.items()
+                  if not (key == "pooling" and e.attrs.get(key) in OWN_READOUTS)}
         if len(set(values.values())) > 1:
             raise FeatstackError(f"refusing to mix feature files made with different {key}: "
                                  f"{', '.join(f'{n}={v}' for n, v in values.items())}; choose matching --backbones")

@@ -8,7 +8,8 @@ from pathlib import Path
 import joblib
 import numpy as np
 
-from .backbones import Backbone, keras_cache_dir, run_backbones, sha256_of
+from . import hub
+from .backbones import Backbone, keras_cache_dir, resolve, run_backbones, sha256_of
 from .decode import decode_batch, is_image_file
 from .errors import FeatstackError
 from .stack import newest_run, read_run_json
@@ -17,6 +18,8 @@ from .store import attrs_damage
 
 def backbone_from_attrs(attrs: dict) -> Backbone:
     """The Backbone a feature file was made with, rebuilt from the attributes the file records."""
+    if attrs.get("preset"):
+        return _hub_from_attrs(attrs)
     return Backbone(name=attrs["backbone"], input_size=int(attrs["input_size"]), preprocess=attrs["preprocess"],
                     pooling=attrs["pooling"], tta=attrs["tta"], precision=attrs["precision"], weights=attrs["weights"],
                     weights_file=attrs.get("weights_file") or None, weights_sha256=attrs.get("weights_sha256") or None,
@@ -24,9 +27,26 @@ def backbone_from_attrs(attrs: dict) -> Backbone:
                     layer=attrs.get("layer") or None, width=int(attrs.get("width", 0)) or None)
 
 
+def _hub_from_attrs(attrs: dict) -> Backbone:
+    """A hub backbone: the preset is found again (its folder, or keras-hub's download) and must be the same files."""
+    name, preset = attrs["backbone"], attrs["preset"]
+    b = resolve([hub.PREFIX + preset], weights="preset", pooling=attrs["pooling"], tta=attrs["tta"],
+                precision=attrs["precision"])[0]
+    if b.weights_sha256 != attrs.get("weights_sha256"):
+        trained = json.loads(attrs.get("preset_files") or "{}")
+        changed = sorted(set(trained.items()) ^ set(b.hub_facts.files.items()))
+        raise FeatstackError(f"{name}: the preset at {b.hub_facts.folder} is not the one the run was trained on "
+                             f"(differs in {', '.join(sorted({f for f, _ in changed}))}); predicting from other "
+                             "weights would give wrong answers. Attach the original preset or train a new run")
+    b.name = name
+    return b
+
+
 def check_weights(b: Backbone, attrs: dict) -> None:
     """Refuse to predict from other weights than the run was trained on: other weights make other features."""
     import keras
+    if b.preset:
+        return  # checked file by file when it was resolved
     if b.weights == "random":
         if attrs.get("keras_backend") != keras.backend.backend():
             raise FeatstackError(f"{b.name}: the run used random weights drawn by the {attrs.get('keras_backend')} "
@@ -104,12 +124,12 @@ class Predictor:
             b.build()
 
     @property
-    def sizes(self) -> tuple[int, ...]:
-        """The distinct input sizes the run's backbones take: each photo is resized once to each."""
-        return tuple(sorted({b.input_size for b in self.backbones}))
+    def sizes(self) -> tuple:
+        """The distinct input keys the run's backbones take (sizes, hub resizes): each photo is resized once to each."""
+        return tuple(sorted({b.input_key for b in self.backbones}, key=str))
 
-    def predict_arrays(self, arrays: dict[int, np.ndarray]) -> np.ndarray:
-        """Class probabilities (n, classes) of one decoded batch, given as decode_batch's {size: uint8 (n, s, s, 3)}."""
+    def predict_arrays(self, arrays: dict) -> np.ndarray:
+        """Class probabilities (n, classes) of one decoded batch, given as decode_batch's {key: (n, h, w, 3)}."""
         X = np.hstack(run_backbones(self.backbones, arrays)[0])
         return self.estimator.predict_proba(X)
 

@@ -71,7 +71,7 @@ class DecodeBatch:
         ok = np.array([e is None for e in errors])
         out = {"id": batch["id"], "path": batch["path"], "error": np.array([e or "" for e in errors], dtype=object)}
         for s, arr in arrays.items():
-            full = np.zeros((len(paths), s, s, 3), np.uint8)
+            full = np.zeros((len(paths), *arr.shape[1:]), arr.dtype)
             full[ok] = arr
             out[f"img{s}"] = full
         return out
@@ -91,7 +91,7 @@ class ExtractActor:
         ok = np.array([e == "" for e in batch["error"]])
         out = {"id": batch["id"], "path": batch["path"], "error": batch["error"]}
         needs = [ok & np.array([i in todo for i in ids], dtype=bool) for todo in self.todo]
-        arrays = {b.input_size: batch[f"img{b.input_size}"] for b in self.backbones}
+        arrays = {b.input_key: batch[f"img{b.input_key}"] for b in self.backbones}
         blocks, _ = run_backbones(self.backbones, arrays, needs)
         for k, (b, need, block) in enumerate(zip(self.backbones, needs, blocks)):
             feats = np.full((len(ids), b.width), np.nan, np.float32)  # NaN marks rows this backbone skips
@@ -110,7 +110,7 @@ def run_jobs_ray(jobs, table: pd.DataFrame, *, batch_size: int, address: str | N
         return pd.DataFrame(columns=["id", "path", "reason"])
     needed = set().union(*(j.todo for j in jobs))
     todo = table[table["id"].isin(needed)]
-    sizes = tuple(sorted({j.backbone.input_size for j in jobs}))
+    sizes = tuple(sorted({j.backbone.input_key for j in jobs}, key=str))
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     decode_cpus = float(options.get("decode_cpus") or 1)

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from .decode import BadImage, decode_bytes, decode_rgb, resize
+from .decode import BadImage, decode_bytes, decode_rgb, to_input
 from .errors import FeatstackError
 from .layouts import read_layout
 from .paths import DatasetPaths, RunPaths
@@ -263,7 +263,7 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
 
     def prepare(data: bytes, preview: bool):
         img = decode_bytes(data, config.max_pixels)
-        resized = {s: resize(img, s) for s in predictor.sizes}  # decode once, resize once per size, as decode_batch
+        resized = {s: to_input(img, s) for s in predictor.sizes}  # decode once, resize once per key, as decode_batch
         url = "data:image/jpeg;base64," + base64.b64encode(jpeg_bytes(img, PREVIEW_PX)).decode() if preview else None
         return resized, url
 

@@ -247,16 +247,17 @@ def rebuild_command(path: Path) -> str:
     weights = attrs.get("weights")
     model = attrs.get("model_path")
     layer = f":{attrs['layer']}" if attrs.get("layer") else ""
-    args += ["--backbones", model + layer if model else attrs["backbone"]]
+    preset = attrs.get("preset")
+    args += ["--backbones", model + layer if model else "hub:" + preset if preset else attrs["backbone"]]
     if weights == "random":
         args += ["--weights", "random"]
     elif weights == "dir" and attrs.get("weights_file"):
         args += ["--weights", str(Path(attrs["weights_file"]).parent)]
     if model:
         args += ["--preprocess", str(attrs.get("preprocess"))]
-    if attrs.get("input_size"):
+    if attrs.get("input_size") and not preset:  # a preset's converter decides its size
         args += ["--image-size", str(attrs["input_size"])]
-    for option, key, default in (("--pooling", "pooling", "avg"), ("--tta", "tta", "none"),
+    for option, key, default in (("--pooling", "pooling", "token" if preset else "avg"), ("--tta", "tta", "none"),
                                  ("--precision", "precision", "float32")):
         if attrs.get(key, default) != default:
             args += [option, str(attrs[key])]

@@ -92,6 +92,48 @@ def make_weights_dir(folder: Path, names, size: int) -> Path:
     return folder
 
 
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def make_hub_preset(folder: Path, kind: str) -> Path:
+    """A tiny keras-hub preset with seeded random weights, saved with save_to_preset as a published one is: a DINOv2
+    with 4 register tokens, or a SigLIP / CLIP with a text tower; each with its ImageConverter (crop, bicubic)."""
+    import keras
+    import keras_hub
+    keras.utils.set_random_seed({"dinov2": 7, "siglip": 8, "clip": 9}[kind])
+    vit = dict(hidden_dim=32, num_layers=2, num_heads=2, intermediate_dim=64, image_shape=(56, 56, 3))
+    text = dict(vocabulary_size=50, embedding_dim=32, hidden_dim=32, num_layers=1, num_heads=2, intermediate_dim=64)
+    if kind == "dinov2":
+        backbone = keras_hub.models.DINOV2Backbone(patch_size=14, num_register_tokens=4,
+                                                   position_embedding_shape=(56, 56, 3), **vit)
+        converter = keras_hub.layers.DINOV2ImageConverter(
+            image_size=(56, 56), scale=[1 / (255 * s) for s in STD], offset=[-m / s for m, s in zip(MEAN, STD)],
+            interpolation="bicubic", antialias=True, crop_to_aspect_ratio=True)
+    elif kind == "siglip":
+        backbone = keras_hub.models.SigLIPBackbone(
+            keras_hub.models.SigLIPVisionEncoder(patch_size=14, **vit),
+            keras_hub.models.SigLIPTextEncoder(max_sequence_length=16, **text))
+        converter = keras_hub.layers.SigLIPImageConverter(image_size=(56, 56), scale=1 / 127.5, offset=-1.0,
+                                                          interpolation="bicubic", crop_to_aspect_ratio=False)
+    else:
+        backbone = keras_hub.models.CLIPBackbone(
+            keras_hub.models.CLIPVisionEncoder(patch_size=14, **vit),
+            keras_hub.models.CLIPTextEncoder(max_sequence_length=16, **text), projection_dim=24)
+        converter = keras_hub.layers.CLIPImageConverter(
+            image_size=(56, 56), scale=[1 / (255 * s) for s in STD], offset=[-m / s for m, s in zip(MEAN, STD)],
+            interpolation="bicubic", crop_to_aspect_ratio=True)
+    backbone.save_to_preset(str(folder))
+    converter.save_to_preset(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hub_presets(tmp_path_factory) -> dict[str, Path]:
+    pytest.importorskip("keras_hub")
+    base = tmp_path_factory.mktemp("presets")
+    return {kind: make_hub_preset(base / kind, kind) for kind in ("dinov2", "siglip", "clip")}
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

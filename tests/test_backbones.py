@@ -13,16 +13,43 @@ from conftest import make_weights_dir
 SIZE = 75
 
 
-@pytest.mark.parametrize("name", list(bb.REGISTRY))
-def test_registry_width_and_preprocess(name):
+# Entries the parity test below builds are not built again here; the largest (ConvNeXt-XL, EfficientNetV2-L,
+# NASNetLarge, 5-70 s a build on 2 cores) are covered by the build-free facts below.
+PARITY = [*bb.DEFAULT_BACKBONES, "efficientnetv2_b0"]
+BUILT = ["mobilenet_v2", "inception_resnet_v2", "efficientnet_b0", "convnext_tiny"]
+
+
+@pytest.mark.parametrize("name", BUILT)
+def test_registry_width(name):
     b = bb.resolve([name], weights="random", image_size=max(SIZE, bb.REGISTRY[name].min_size))[0]
     b.build()
     assert b.width == bb.REGISTRY[name].width
+
+
+@pytest.mark.parametrize("name", list(bb.REGISTRY))
+def test_registry_preprocess_and_weights_file_are_keras_own(name):
+    """Each entry's preprocessing is its keras.applications module's preprocess_input, and its weights file is the
+    name Keras downloads (ConvNeXt and EfficientNetV2 name it after the model: the constructor's default name)."""
+    import inspect
+
     import keras
-    module = {"tf": "xception", "caffe": "resnet50", "none": "efficientnet"}[b.preprocess]
+    spec = bb.REGISTRY[name]
+    constructor = getattr(keras.applications, spec.constructor)
+    module = {"tf": "xception", "caffe": "resnet50", "none": "efficientnet"}[spec.preprocess]
     x = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
     expected = getattr(keras.applications, module).preprocess_input(x.copy())
-    assert np.allclose(bb.preprocess(x.copy(), b.preprocess), expected)
+    assert np.allclose(bb.preprocess(x.copy(), spec.preprocess), expected)
+    source = inspect.getsource(inspect.getmodule(constructor))
+    if name.startswith(("convnext_", "efficientnetv2_")):
+        assert "_notop.h5" in source and "include_preprocessing=True" in source
+        default_name = inspect.signature(constructor).parameters["name"].default
+        assert spec.weights_file(spec.input_size) == f"{default_name}_notop.h5"
+    elif name == "resnet152":
+        assert '"resnet152"' in inspect.getsource(constructor)
+        assert spec.weights_file(224) == "resnet152_weights_tf_dim_ordering_tf_kernels_notop.h5"
+        assert '{weights_name}_weights_tf_dim_ordering_tf_kernels_notop.h5' in source
+    elif name == "nasnet_large":
+        assert '"nasnet_large_no_top.h5"' in source
 
 
 @pytest.mark.parametrize("names, kwargs, match", [
@@ -59,7 +86,8 @@ def test_imagenet_unavailable_names_file_and_places(monkeypatch):
 def keras_reference(name, weights_file, paths, size):
     """What a user would write by hand: load_img -> img_to_array -> preprocess_input -> Model(pooling='avg')."""
     import keras
-    modules = {"xception": "xception", "inception_v3": "inception_v3", "resnet50": "resnet50", "vgg16": "vgg16"}
+    modules = {"xception": "xception", "inception_v3": "inception_v3", "resnet50": "resnet50", "vgg16": "vgg16",
+               "efficientnetv2_b0": "efficientnet_v2"}
     app = getattr(keras.applications, modules[name])
     model = getattr(keras.applications, bb.REGISTRY[name].constructor)(
         include_top=False, pooling="avg", weights=str(weights_file), input_shape=(size, size, 3))
@@ -68,8 +96,8 @@ def keras_reference(name, weights_file, paths, size):
     return model.predict(app.preprocess_input(x), verbose=0)
 
 
-def test_reference_semantics_all_four_backbones(tmp_path, cats_dogs):
-    names = list(bb.DEFAULT_BACKBONES)
+def test_reference_semantics_every_parity_backbone(tmp_path, cats_dogs):
+    names = PARITY
     wdir = make_weights_dir(tmp_path / "weights", names, SIZE)
     summary = extract(ExtractConfig(cats_dogs, backbones=names, weights=str(wdir), image_size=SIZE,
                                     features_dir=tmp_path / "features", batch_size=5, progress=False))
@@ -79,6 +107,7 @@ def test_reference_semantics_all_four_backbones(tmp_path, cats_dogs):
     for job in summary.jobs:
         entry = read_entry(job.writer.final)
         assert entry.attrs["weights"] == "dir" and len(entry.attrs["weights_sha256"]) == 64
+        assert entry.attrs["width"] == bb.REGISTRY[job.backbone.name].width
         ref = keras_reference(job.backbone.name, job.backbone.weights_file, [paths[i] for i in entry.ids], SIZE)
         err = np.linalg.norm(entry.features - ref, axis=1) / np.linalg.norm(ref, axis=1)
         assert err.max() <= 1e-4, (job.backbone.name, err.max())

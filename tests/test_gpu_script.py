@@ -74,3 +74,11 @@ def test_generated_benchmark_data_is_a_dog_breed_dataset_of_photo_sized_jpegs(tm
     pixels = np.asarray(Image.open(table.path.iloc[0]), dtype=np.float32)
     assert pixels.std(axis=(0, 1)).min() > 10  # varied content, not a flat colour
     assert info["mean_kib"] > 10
+
+
+def test_every_registry_backbone_is_in_the_benchmark_with_its_timm_twin():
+    """The GPU benchmark measures the defaults, and with --optional every newer registry entry (issue 22)."""
+    from bench_gpu import BACKBONES, OPTIONAL_BACKBONES, TIMM_NAMES
+    older = {"mobilenet_v2", "inception_resnet_v2", "efficientnet_b0"}  # not benchmarked: no issue asked for them
+    assert set(BACKBONES) | set(OPTIONAL_BACKBONES) == set(bb.REGISTRY) - older
+    assert set(TIMM_NAMES) == set(BACKBONES) | set(OPTIONAL_BACKBONES)

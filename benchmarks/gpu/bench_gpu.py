@@ -32,7 +32,14 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 BACKBONES = ("xception", "inception_v3", "resnet50", "vgg16")
-TIMM_NAMES = {"xception": "legacy_xception", "inception_v3": "inception_v3", "resnet50": "resnet50", "vgg16": "vgg16"}
+# The newer registry entries (issue 22), measured when asked: `--optional` (run.sh: OPTIONAL=1) adds them.
+OPTIONAL_BACKBONES = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large", "convnext_xlarge",
+                      "efficientnetv2_b0", "efficientnetv2_b1", "efficientnetv2_b2", "efficientnetv2_b3",
+                      "efficientnetv2_s", "efficientnetv2_m", "efficientnetv2_l", "nasnet_large", "resnet152")
+TIMM_NAMES = {"xception": "legacy_xception", "inception_v3": "inception_v3", "resnet50": "resnet50", "vgg16": "vgg16",
+              "resnet152": "resnet152", "nasnet_large": "nasnetalarge",
+              **{f"convnext_{v}": f"convnext_{v}" for v in ("tiny", "small", "base", "large", "xlarge")},
+              **{f"efficientnetv2_{v}": f"tf_efficientnetv2_{v}" for v in ("b0", "b1", "b2", "b3", "s", "m", "l")}}
 KAGGLE_TRAIN, KAGGLE_TEST, BREEDS = 10222, 10357, 120  # the Kaggle dog-breed competition: 20,579 photos in all
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 # Stages in the order they run: the headline figures (c, d) before the ceilings, so a short deadline loses the least.
@@ -620,7 +627,11 @@ def main(argv=None):
         s.add_argument("--work", default="/tmp/featstack-gpu-bench", help="generated data, features, stage files")
         s.add_argument("--mode", default="gpu", choices=["gpu", "cpu"])
         s.add_argument("--deadline", type=float, default=450, help="seconds for all stages together")
+        s.add_argument("--optional", action="store_true",
+                       help=f"also the newer backbones: {', '.join(OPTIONAL_BACKBONES)}")
     a = p.parse_args(argv)
+    if a.optional:
+        a.backbones = tuple(dict.fromkeys((*a.backbones, *OPTIONAL_BACKBONES)))
     a.data = Path(a.data or Path(a.work) / "dog-breed")
     if a.stage == "all":
         a.data = str(a.data)

@@ -4,7 +4,8 @@
 #   N=64 bash benchmarks/gpu/run.sh                                          (CPU proof, results in /tmp/gpuout)
 # Env: N (images, default 20579), OUT (results folder), MODE (gpu|cpu, default: gpu when nvidia-smi sees one),
 # BATCH (default auto), IMAGE_SIZE (default: each backbone's own; 75 in CPU mode), PRECISION (default bf16),
-# DEADLINE (seconds for all stages, default 450; 3600 in CPU mode), WORK (scratch, default /tmp/featstack-gpu-bench).
+# DEADLINE (seconds for all stages, default 450; 3600 in CPU mode), WORK (scratch, default /tmp/featstack-gpu-bench),
+# OPTIONAL=1 (also the newer registry backbones: ConvNeXt, EfficientNetV2, NASNetLarge, ResNet152).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 started=$(date +%s)
@@ -28,11 +29,12 @@ if [ -z "${MODE:-}" ]; then
 fi
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 size=()
+if [ "${OPTIONAL:-0}" = 1 ]; then size+=(--optional); fi
 if [ "$MODE" = cpu ]; then
   export JAX_PLATFORMS=cpu
-  size=(--image-size "${IMAGE_SIZE:-75}")
+  size+=(--image-size "${IMAGE_SIZE:-75}")
 elif [ -n "${IMAGE_SIZE:-}" ]; then
-  size=(--image-size "$IMAGE_SIZE")
+  size+=(--image-size "$IMAGE_SIZE")
 fi
 echo "featstack GPU benchmark: mode $MODE, N=${N:-20579}, python $("$PYTHON" -V 2>&1), set-up $(( $(date +%s) - started )) s"
 exec "$PYTHON" benchmarks/gpu/bench_gpu.py all --mode "$MODE" --n "${N:-20579}" --out-dir "${OUT:-/tmp/gpuout}" \
