@@ -1,12 +1,14 @@
-"""The stackers: scikit-learn estimators over concatenated backbone features, with honest out-of-fold predictions."""
+"""The stackers: scikit-learn estimators over cached backbone features, with honest out-of-fold predictions."""
 from __future__ import annotations
 
+import copy
+import re
+import time
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 from joblib import Parallel, cpu_count, delayed
-from scipy.optimize import minimize
-from scipy.special import softmax
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
@@ -14,6 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from threadpoolctl import threadpool_limits
 
 from .blend import blend, blend_oof, blend_weights
 from .errors import FeatstackError
@@ -22,18 +25,48 @@ from .reports import kaggle_log_loss
 MODELS = ("logreg", "lgbm", "stack", "avg", "blend")
 LEVEL2 = ("logreg", "lgbm")
 
-# C = 1 is the public dog-breed kernels' setting; tol 1e-6 because sklearn's lbfgs stops after a handful of
-# iterations at its default 1e-4 on 120 classes, with visibly worse log loss (BENCHMARKS.md).
+# C = 1 is the public dog-breed kernels' setting; tol 1e-6 because lbfgs stops after a handful of iterations at
+# scikit-learn's default 1e-4 on 120 classes, with visibly worse log loss (BENCHMARKS.md).
 LOGREG_C = 1.0
 LOGREG_TOL = 1e-6
 LOGREG_MAX_ITER = 300
-# --C auto: a small logarithmic grid, walked from strong to weak regularisation so each fit warm-starts from the
-# previous, cheaper one.
-C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
+# --C auto: a logarithmic grid walked from strong to weak regularisation, each fit in a fold warm-started from the
+# previous C's fit on the same rows (issue #19: the old grid 0.001..10 chose an edge on both measured datasets).
+C_GRID = tuple(10.0 ** k for k in range(-4, 3))
+# Level 2 of `stack` sees classes x members columns of log-probabilities: weak regularisation there is the
+# overfitting regime (C = 1 lost to a plain average, issue #19), and its fits at large C are the slow ones.
+LEVEL2_C_GRID = tuple(10.0 ** k for k in range(-4, 1))
+# Level-2 inputs are log-probabilities clipped here: log(1e-15) = -34.5 would dominate a standardised column.
+LOG_CLIP = 1e-5
 LGBM_PCA_DIMS = 128
-# rows x dims x classes from which folds run in parallel processes (the dog-breed shape is 7e9, one vgg16 block
-# 5e8; the tests' datasets stay below 1e6, where starting the workers would cost more than it saves).
+# LightGBM's threads are fixed, not "all cores", and deterministic=True: a run repeats exactly on another machine
+# (tests/test_models.py::test_lightgbm_repeats_exactly_across_thread_counts).
+LGBM_THREADS = 2
+# rows x dims x classes from which folds run in worker processes (the dog-breed shape is 7e9; the tests' datasets
+# stay below 1e6, where starting the workers would cost more than it saves).
 PARALLEL_FOLDS_MIN_WORK = 1e8
+MEMBER_KINDS = ("backbones", "concat", "lgbm")
+# Level-1 holdout and test predictions of stack / blend / avg: "refit" (members refit on every training row) or
+# "folds" (the mean of their fold models); chosen by measurement on both realistic worlds (BENCHMARKS.md).
+LEVEL1_PREDICT = "refit"
+
+_say = None
+
+
+@contextmanager
+def progress(say=print):
+    """Within the block, every stacker phase says what it is doing (fold k of n, refit, level 2) through ``say``."""
+    global _say
+    before, _say = _say, say
+    try:
+        yield
+    finally:
+        _say = before
+
+
+def say(message: str) -> None:
+    if _say is not None:
+        _say(message)
 
 
 def parse_C(value) -> float | str:
@@ -53,164 +86,128 @@ def _folds(folds: int, seed: int):
     return StratifiedKFold(folds, shuffle=True, random_state=seed)
 
 
-def _lr(seed, C, tol, start=None):
-    lr = LogisticRegression(C=C, tol=tol, max_iter=LOGREG_MAX_ITER, random_state=seed)
-    if start is not None:
-        lr.set_params(warm_start=True)
-        lr.coef_, lr.intercept_ = start[0].copy(), start[1].copy()
-    return lr
+def _stop_reason(caught) -> str | None:
+    """How lbfgs stopped short of tol, from scikit-learn's ConvergenceWarning: scipy's status 1 is the iteration
+    limit; any other status (ABNORMAL: the line search found no decrease) is the float32 noise floor."""
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning):
+            status = re.search(r"status=(\d+)", str(w.message))
+            return "iteration limit" if status is None or status.group(1) == "1" else "noise floor"
+    return None
 
 
-def standardise(X: np.ndarray, rows=slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``X[rows]`` standardised in X's dtype, with StandardScaler's mean and scale (population std; a constant column
-    is scaled by 1), both accumulated in float64."""
-    Z = X[rows].copy() if isinstance(rows, slice) else X[rows]
-    mean = Z.mean(axis=0, dtype=np.float64)
-    Z -= mean.astype(Z.dtype)
-    scale = np.sqrt(np.square(Z).mean(axis=0, dtype=np.float64))
-    scale[scale < 10 * np.finfo(np.float64).eps] = 1.0
-    Z /= scale.astype(Z.dtype)
-    return Z, mean, scale
+def _fit_path(X, y, train, valid, Cs, tol, threads, job):
+    """One job: scikit-learn's StandardScaler + LogisticRegression on rows ``train`` at each C of ``Cs`` in turn,
+    each warm-started from the previous C's fit on the same rows (the first from zeros, as the plain recipe).
 
-
-class SoftmaxObjective:
-    """scikit-learn's lbfgs objective for multinomial logistic regression: mean log loss + ||W||² / (2 C n), the
-    intercept unpenalised. The two products with the data run in its dtype (float32 for cached features, three times
-    faster than float64 here); the rest is float64."""
-
-    def __init__(self, Z: np.ndarray, y: np.ndarray, n_classes: int, C: float):
-        self.Z, self.y, self.n_classes = Z, y, n_classes
-        self.rows = np.arange(len(y))
-        self.l2 = 1.0 / (C * len(y))
-
-    def split(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d = self.Z.shape[1]
-        return w[:d * self.n_classes].reshape(d, self.n_classes), w[d * self.n_classes:]
-
-    def logits(self, Z: np.ndarray, w: np.ndarray) -> np.ndarray:
-        """float64 logits of standardised rows ``Z``, the product in Z's dtype."""
-        W, b = self.split(w)
-        logits = (Z @ W.astype(Z.dtype)).astype(np.float64)
-        logits += b
-        return logits
-
-    def predict_proba(self, Z: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return softmax(self.logits(Z, w), axis=1)
-
-    def __call__(self, w: np.ndarray) -> tuple[float, np.ndarray]:
-        W, _ = self.split(w)
-        logits = self.logits(self.Z, w)
-        top = logits.max(axis=1, keepdims=True)
-        logits -= top
-        true_logit = logits[self.rows, self.y].sum()
-        proba = np.exp(logits, out=logits)  # reuses the buffer: logits are not needed past this line
-        total = proba.sum(axis=1, keepdims=True)
-        n = len(self.y)
-        loss = (np.log(total).sum() - true_logit) / n + 0.5 * self.l2 * np.dot(w[:W.size], w[:W.size])
-        proba /= total
-        proba[self.rows, self.y] -= 1
-        proba /= n  # now the gradient of the mean loss with respect to the logits
-        grad = np.empty_like(w)
-        grad_W = grad[:W.size].reshape(W.shape)
-        grad_W[:] = self.Z.T @ proba.astype(self.Z.dtype)
-        grad_W += self.l2 * W
-        grad[W.size:] = proba.sum(axis=0)
-        return loss, grad
-
-
-def _lbfgs(objective: SoftmaxObjective, w0: np.ndarray, tol: float) -> tuple[np.ndarray, bool]:
-    """scipy's L-BFGS-B with the settings scikit-learn's lbfgs solver uses; also whether it hit the iteration limit."""
-    result = minimize(objective, w0, jac=True, method="L-BFGS-B",
-                      options={"maxiter": LOGREG_MAX_ITER, "maxls": 50, "gtol": tol, "ftol": 64 * np.finfo(float).eps})
-    return result.x, result.nit >= LOGREG_MAX_ITER
-
-
-def _fold_path(X, y, train, valid, Cs, tol, n_classes):
-    """One fold from its training rows alone: standardise, then fit every C in turn, each warm-started from the last.
-
-    Returns, per C, the held-out probabilities and the solution in raw-feature coordinates (W, b with logits
-    X @ W + b). Nothing that saw the held-out rows is used, not even as a starting point: from the refit's solution
-    a fold's result moves with its held-out rows, and at tol 1e-5 it stops there at once (OOF log loss 0.0009 on
-    the dog-breed shape, BENCHMARKS.md).
+    Returns ``job`` and, per C, the probabilities of rows ``valid`` (None for the refit), the fitted pipeline and how
+    lbfgs stopped short of tol (None when it converged). ``threads`` BLAS threads: workers x threads <= cores.
     """
-    Z, mean, scale = standardise(X, train)
-    Z_valid = ((X[valid] - mean) / scale).astype(X.dtype)
-    w = np.zeros((Z.shape[1] + 1) * n_classes)
-    out = []
-    for C in Cs:
-        # scikit-learn fits two classes with one logit: the same model as two softmax logits at half the C.
-        objective = SoftmaxObjective(Z, y[train], n_classes, C / 2 if n_classes == 2 else C)
-        w, stopped = _lbfgs(objective, w, tol)
-        W, b = objective.split(w)
-        raw_W = W / scale[:, None]
-        out.append((objective.predict_proba(Z_valid, w), (raw_W, b - mean @ raw_W), stopped))
-    return out
+    with threadpool_limits(limits=threads, user_api="blas"):
+        Z = X[train]
+        scaler = StandardScaler().fit(Z)
+        Z = scaler.transform(Z)
+        Z_valid = None if valid is None else scaler.transform(X[valid])
+        lr = LogisticRegression(C=Cs[0], tol=tol, max_iter=LOGREG_MAX_ITER, warm_start=True)
+        out = []
+        for C in Cs:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                lr.set_params(C=C).fit(Z, y[train])
+            pipeline = make_pipeline(scaler, copy.deepcopy(lr))
+            out.append((None if Z_valid is None else lr.predict_proba(Z_valid), pipeline, _stop_reason(caught)))
+    return job, out
 
 
-def _fold_jobs(shape: tuple[int, int], n_classes: int, folds: int) -> int:
-    """Worker processes for the folds: one per core once a fold's products are large enough to repay the start.
-
-    Each worker gets cores // workers BLAS threads (joblib's default), and the optimiser's own bookkeeping, which is
-    single-threaded, overlaps with the other workers' products: CVLogReg on the dog-breed shape took 40.0 s on 2
-    workers against 48.4 s one fold after another with 2 BLAS threads (BENCHMARKS.md).
-    """
+def fold_jobs(shape: tuple[int, int], n_classes: int, folds: int) -> int:
+    """Worker processes for the folds: one per core once a fold's products are large enough to repay the start."""
     rows, dims = shape
     if rows * dims * n_classes < PARALLEL_FOLDS_MIN_WORK:
         return 1
-    return max(1, min(folds, cpu_count()))
+    return max(1, min(folds + 1, cpu_count()))
 
 
 def logreg_cv(X, y, *, folds: int = 5, seed: int = 0, C: float | str = LOGREG_C, tol: float = LOGREG_TOL,
-              n_jobs: int | None = None) -> dict:
-    """Out-of-fold probabilities of a standardised logistic regression, and the model refit on every row.
+              n_jobs: int | None = None, grid: tuple = C_GRID, label: str = "logreg") -> dict:
+    """scikit-learn's ``cross_val_predict`` recipe and its refit, scheduled as one pool of jobs.
 
-    Each fold is fit from zeros on its own rows with the float32 objective above (C="auto": it walks C_GRID,
-    each C warm-started from the last within the fold), and the C with the lowest pooled OOF log loss wins. The
-    refit is scikit-learn's own pipeline, warm-started from the mean of the folds' solutions at that C, as
-    LogisticRegressionCV does: it saw every row, and it scores none of them.
+    With a fixed C the folds and the refit are the same ``make_pipeline(StandardScaler(), LogisticRegression())``
+    fits the recipe makes (equal to it: tests/test_models.py), run as folds + 1 jobs on ``n_jobs`` worker processes
+    of cores // n_jobs BLAS threads each, so the refit fills the worker a 5-fold CV on 2 cores leaves idle.
+    ``C="auto"``: every fold walks ``grid``; the C with the lowest pooled OOF log loss is then refit on every row.
     """
     classes, y_index = np.unique(y, return_inverse=True)
-    splits = list(_folds(folds, seed).split(X, y))
+    splits = list(_folds(folds, seed).split(X, y_index))
     auto = C == "auto"
-    Cs = C_GRID if auto else (float(C),)
+    Cs = tuple(grid) if auto else (float(C),)
     if n_jobs is None:
-        n_jobs = _fold_jobs(X.shape, len(classes), folds)
-    paths = Parallel(n_jobs=n_jobs)(delayed(_fold_path)(X, y_index, tr, va, Cs, tol, len(classes))
-                                    for tr, va in splits)
+        n_jobs = fold_jobs(X.shape, len(classes), folds)
+    threads = max(1, cpu_count() // n_jobs)
+    tasks = [(train, valid) for train, valid in splits]
+    if not auto:  # the refit's C is known: it runs beside the folds
+        tasks.append((np.arange(len(y)), None))
+    say(f"{label}: {folds} folds{'' if auto else ' + refit'} as {len(tasks)} jobs on {n_jobs} "
+        f"process{'es' if n_jobs > 1 else ''} x {threads} BLAS thread{'s' if threads > 1 else ''}"
+        + (f", C grid {', '.join(f'{c:g}' for c in Cs)}" if auto else f", C = {Cs[0]:g}"))
+    t0 = time.perf_counter()
+    results: dict[int, list] = {}
+    done = 0
+    for job, out in Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
+            delayed(_fit_path)(X, y_index, train, valid, Cs, tol, threads, job)
+            for job, (train, valid) in enumerate(tasks)):
+        results[job] = out
+        done += 1
+        what = "refit on all rows" if job == folds else f"fold {job + 1} of {folds}"
+        say(f"{label}: {what} done ({done} of {len(tasks)} jobs, {time.perf_counter() - t0:.1f} s)")
     oofs = [np.zeros((len(y), len(classes))) for _ in Cs]
-    for (_, valid), path in zip(splits, paths):
-        for k, (proba, _, _) in enumerate(path):
+    for job, (_, valid) in enumerate(splits):
+        for k, (proba, _, _) in enumerate(results[job]):
             oofs[k][valid] = proba
-    stopped = sum(fit[2] for path in paths for fit in path)
-    if stopped:  # said once here, not per fold: folds may run in worker processes
-        warnings.warn(f"lbfgs reached its {LOGREG_MAX_ITER}-iteration limit before tol {tol:g} in {stopped} of "
-                      f"{len(paths) * len(Cs)} fold fits", ConvergenceWarning, stacklevel=2)
-    grid = {c: kaggle_log_loss(y_index, o) for c, o in zip(Cs, oofs)}
-    best = min(range(len(Cs)), key=lambda k: grid[Cs[k]])
-    raw_W, raw_b = (np.mean([path[best][1][j] for path in paths], axis=0) for j in (0, 1))
-    scaler = StandardScaler().fit(X)
-    if len(classes) == 2:
-        raw_W, raw_b = raw_W[:, 1:] - raw_W[:, :1], raw_b[1:] - raw_b[:1]
-    start = ((raw_W * scaler.scale_[:, None]).T, raw_b + scaler.mean_ @ raw_W)
-    final = make_pipeline(scaler, _lr(seed, Cs[best], tol, start).fit(scaler.transform(X), y))
-    return {"oof": oofs[best], "estimator": final, "C": Cs[best], "grid": grid if auto else None}
+    scores = {c: kaggle_log_loss(y_index, o) for c, o in zip(Cs, oofs)}
+    best = min(range(len(Cs)), key=lambda k: scores[Cs[k]])
+    if auto:
+        say(f"{label}: C = {Cs[best]:g} chosen; refit on all rows")
+        results[folds] = _fit_path(X, y_index, np.arange(len(y)), None, (Cs[best],), tol, cpu_count(), folds)[1]
+        say(f"{label}: refit done ({time.perf_counter() - t0:.1f} s)")
+    stops = {c: [results[job][k][2] for job in range(folds)] for k, c in enumerate(Cs)}
+    final = results[folds][-1 if auto else 0]
+    stops[Cs[best]] = stops[Cs[best]] + [final[2]]
+    fits = [reason for reasons in stops.values() for reason in reasons]
+    stopped = [r for r in fits if r]
+    if stopped:  # said once here, not per fold: folds run in worker processes
+        limit, floor = stopped.count("iteration limit"), stopped.count("noise floor")
+        warnings.warn(f"lbfgs stopped before tol {tol:g} in {len(stopped)} of {len(fits)} fits of {label} ("
+                      f"{limit} at the {LOGREG_MAX_ITER}-iteration limit, {floor} at the float32 noise floor)",
+                      ConvergenceWarning, stacklevel=2)
+    grid_report = None
+    if auto:
+        grid_report = {c: {"log_loss": scores[c], "iteration_limit": stops[c].count("iteration limit"),
+                           "noise_floor": stops[c].count("noise floor")} for c in Cs}
+    return {"oof": oofs[best], "estimator": final[1], "C": Cs[best], "grid": grid_report,
+            "edge": auto and best in (0, len(Cs) - 1),
+            "fold_estimators": [results[job][best][1] for job in range(folds)]}
 
 
 class CVLogReg(ClassifierMixin, BaseEstimator):
-    """Standardised multinomial logistic regression that also keeps its out-of-fold probabilities (``oof_``);
-    ``C="auto"`` picks C from C_GRID by CV on the rows it is fit on (``C_``, ``C_grid_``)."""
+    """Standardised multinomial logistic regression that also keeps its out-of-fold probabilities (``oof_``) and
+    fold models (``fold_estimators_``); ``C="auto"`` picks C from ``grid`` by CV on the rows it is fit on (``C_``,
+    ``C_grid_``, ``C_edge_``)."""
 
     def __init__(self, C: float | str = LOGREG_C, folds: int = 5, seed: int = 0, tol: float = LOGREG_TOL,
-                 n_jobs: int | None = None):
+                 n_jobs: int | None = None, grid: tuple = C_GRID, label: str = "logreg"):
         self.C = C
         self.folds = folds
         self.seed = seed
         self.tol = tol
         self.n_jobs = n_jobs
+        self.grid = grid
+        self.label = label
 
     def fit(self, X, y):
-        fit = logreg_cv(X, y, folds=self.folds, seed=self.seed, C=self.C, tol=self.tol, n_jobs=self.n_jobs)
+        fit = logreg_cv(X, y, folds=self.folds, seed=self.seed, C=self.C, tol=self.tol, n_jobs=self.n_jobs,
+                        grid=self.grid, label=self.label)
         self.pipeline_, self.oof_, self.C_, self.C_grid_ = fit["estimator"], fit["oof"], fit["C"], fit["grid"]
+        self.C_edge_, self.fold_estimators_ = fit["edge"], fit["fold_estimators"]
         self.classes_ = self.pipeline_.classes_
         return self
 
@@ -220,28 +217,45 @@ class CVLogReg(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         return self.pipeline_.predict_proba(X)
 
+    def predict_proba_folds(self, X):
+        """The mean of the fold models' probabilities (the alternative to the refit, measured in BENCHMARKS.md)."""
+        return np.mean([m.predict_proba(X) for m in self.fold_estimators_], axis=0)
+
     def predict(self, X):
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
 class PCALightGBM(ClassifierMixin, BaseEstimator):
-    """LightGBM made practical on thousands of CNN dims: standardise, PCA, and early stopping on a held-out fold.
+    """LightGBM made practical on thousands of CNN dims: standardise, PCA, early stopping, then a refit.
 
     120 classes grow 120 trees a round; on 6,656 raw dims that is tens of minutes on 2 cores. PCA to
-    ``pca_dims`` keeps the leading structure of pooled CNN features and shrinks each tree's split search accordingly;
-    63 histogram bins and small trees keep a round cheap; early stopping on a stratified 10% of the training
-    rows picks the number of rounds. A minimum leaf hessian and L2 on leaves stop the 120-class softmax from
-    diverging (leaf values explode on tiny hessians otherwise).
+    ``pca_dims`` keeps the leading structure of pooled CNN features and shrinks each tree's split search; 63
+    histogram bins and small trees keep a round cheap. Early stopping on a stratified 10 % of the training rows
+    finds the number of rounds, and the booster is then refit on every training row at that count, as a Kaggle
+    competitor would. The minimum leaf hessian is small: a row's hessian in a 120-class softmax is about 1/120,
+    so LightGBM's default of 1e-3 (not 1) keeps leaves of a few rows possible; L2 on leaves keeps them finite.
     """
 
-    def __init__(self, pca_dims: int | None = LGBM_PCA_DIMS, n_estimators: int = 200, learning_rate: float = 0.2,
-                 num_leaves: int = 7, early_stopping_rounds: int = 20, seed: int = 0):
+    def __init__(self, pca_dims: int | None = LGBM_PCA_DIMS, n_estimators: int = 400, learning_rate: float = 0.1,
+                 num_leaves: int = 7, min_child_weight: float = 1e-3, colsample_bytree: float = 0.5,
+                 early_stopping_rounds: int = 20, seed: int = 0, n_jobs: int = LGBM_THREADS):
         self.pca_dims = pca_dims
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
         self.num_leaves = num_leaves
+        self.min_child_weight = min_child_weight
+        self.colsample_bytree = colsample_bytree
         self.early_stopping_rounds = early_stopping_rounds
         self.seed = seed
+        self.n_jobs = n_jobs
+
+    def _booster(self, rounds: int):
+        import lightgbm as lgb
+        return lgb.LGBMClassifier(
+            n_estimators=rounds, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
+            min_child_samples=10, min_child_weight=self.min_child_weight, reg_lambda=1.0, subsample=0.8,
+            subsample_freq=1, colsample_bytree=self.colsample_bytree, max_bin=63, random_state=self.seed,
+            n_jobs=self.n_jobs, deterministic=True, force_col_wise=True, verbose=-1)
 
     def fit(self, X, y):
         import lightgbm as lgb
@@ -252,13 +266,11 @@ class PCALightGBM(ClassifierMixin, BaseEstimator):
         Z = self.reduce_.transform(X).astype(np.float32)
         self.classes_ = np.unique(y)
         tr, va = train_test_split(np.arange(len(y)), test_size=0.1, random_state=self.seed, stratify=y)
-        self.booster_ = lgb.LGBMClassifier(
-            n_estimators=self.n_estimators, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
-            min_child_samples=10, min_child_weight=1.0, reg_lambda=1.0, subsample=0.8, subsample_freq=1,
-            colsample_bytree=0.5, max_bin=63, random_state=self.seed,
-            n_jobs=-1, verbose=-1)
-        self.booster_.fit(Z[tr], y[tr], eval_X=(Z[va],), eval_y=(y[va],),
-                          callbacks=[lgb.early_stopping(self.early_stopping_rounds, verbose=False)])
+        stopper = self._booster(self.n_estimators)
+        stopper.fit(Z[tr], y[tr], eval_set=[(Z[va], y[va])],
+                    callbacks=[lgb.early_stopping(self.early_stopping_rounds, verbose=False)])
+        self.rounds_ = int(stopper.best_iteration_ or self.n_estimators)
+        self.booster_ = self._booster(self.rounds_).fit(Z, y)  # every training row, at the early-stopped count
         return self
 
     def predict_proba(self, X):
@@ -268,74 +280,144 @@ class PCALightGBM(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
-class _PerBackbone(ClassifierMixin, BaseEstimator):
-    """Level 1 shared by stack, avg and blend: one CVLogReg per backbone on its own columns, OOF kept."""
+def resolve_members(spec: list[str] | None, columns: dict, model: str) -> list[str]:
+    """``--members``: each backbone's own logreg (``backbones`` or a backbone's name), the concatenated-features
+    logreg (``concat``) and LightGBM on the concatenation (``lgbm``). Default: every backbone, plus the concatenation
+    for ``stack`` and ``blend`` (often the strongest single model); ``avg`` is the plain mean of the backbones."""
+    if not spec:
+        spec = ["backbones"] if model == "avg" else ["backbones", "concat"]
+    out = []
+    for token in spec:
+        names = list(columns) if token == "backbones" else [token]
+        for name in names:
+            if name not in columns and name not in ("concat", "lgbm"):
+                raise FeatstackError(f"--members {token}: choose from {', '.join(MEMBER_KINDS)} or a backbone "
+                                     f"({', '.join(columns)})")
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def _member_label(name: str, columns: dict) -> str:
+    return {"concat": "concatenated features logreg", "lgbm": "concatenated features lgbm"}.get(name, name + " logreg")
+
+
+class _Members(ClassifierMixin, BaseEstimator):
+    """Level 1 shared by stack, avg and blend: each member's model with its out-of-fold probabilities kept.
+
+    ``level1_predict``: holdout and test rows from the members refit on every training row ("refit", what
+    StackingClassifier does) or from the mean of their fold models ("folds"; LightGBM members always refit).
+    """
+
+    def _columns(self, name):
+        return slice(None) if name in ("concat", "lgbm") else slice(*self.columns[name])
+
+    def _member(self, name):
+        if name == "lgbm":
+            return PCALightGBM(seed=self.seed)
+        return CVLogReg(C=self.C, folds=self.folds, seed=self.seed, label=f"{self._prefix} {name}")
 
     def _fit_level1(self, X, y):
         self.classes_ = np.unique(y)
+        self.members_ = resolve_members(self.members, self.columns, self._model)
         self.level1_ = {}
-        for name, (a, b) in self.columns.items():
-            self.level1_[name] = CVLogReg(C=self.C, folds=self.folds, seed=self.seed).fit(X[:, a:b], y)
-        self.oof_level1_ = [m.oof_ for m in self.level1_.values()]
+        self.oof_level1_ = []
+        for k, name in enumerate(self.members_):
+            t0 = time.perf_counter()
+            say(f"{self._prefix}: member {k + 1} of {len(self.members_)}: {_member_label(name, self.columns)}")
+            oof, self.level1_[name] = fit_with_oof(self._member(name), X[:, self._columns(name)], y,
+                                                   folds=self.folds, seed=self.seed)
+            self.oof_level1_.append(oof)
+            say(f"{self._prefix}: member {name}: CV log loss {kaggle_log_loss(y, oof):.4f} "
+                f"({time.perf_counter() - t0:.1f} s)")
 
     def _level1_probas(self, X):
-        return [m.predict_proba(X[:, a:b]) for m, (a, b) in zip(self.level1_.values(), self.columns.values())]
+        out = []
+        for name, m in self.level1_.items():
+            Xm = X[:, self._columns(name)]
+            folds = self.level1_predict == "folds" and hasattr(m, "predict_proba_folds")
+            out.append(m.predict_proba_folds(Xm) if folds else m.predict_proba(Xm))
+        return out
 
     def predict(self, X):
         return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
-class OOFStack(_PerBackbone):
-    """Two-level stacking: per-backbone level-1 out-of-fold probabilities feed a level-2 model; level-1 models are
-    refit on every training row for new data, as StackingClassifier does.
+def level2_inputs(probas: list[np.ndarray]) -> np.ndarray:
+    """Level 2 sees clipped log-probabilities: on that scale a linear model can sharpen or soften a member (a power
+    of its probabilities), which it cannot do on probabilities, where a few confident columns dominate."""
+    return np.hstack([np.log(np.clip(p, LOG_CLIP, 1.0)) for p in probas])
 
-    Unlike StackingClassifier it keeps the level-1 OOF matrix (``oof_level1_``), so the stack's own CV score
-    needs only level-2 refits, not a nested CV of every level-1 model.
+
+class OOFStack(_Members):
+    """Two-level stacking: the members' out-of-fold probabilities (as clipped log-probabilities) feed a level-2
+    model whose C is chosen by its own CV on that matrix (``LEVEL2_C_GRID``); members are refit on every training row
+    for new data, as StackingClassifier does.
+
+    Unlike StackingClassifier it keeps the level-1 OOF matrix (``oof_level1_``), so the stack's own CV score needs
+    only level-2 refits, not a nested CV of every level-1 model.
     """
 
-    def __init__(self, columns: dict, level2: str = "logreg", folds: int = 5, seed: int = 0, C: float | str = LOGREG_C):
+    _prefix, _model = "stack", "stack"
+
+    def __init__(self, columns: dict, level2: str = "logreg", folds: int = 5, seed: int = 0,
+                 C: float | str = LOGREG_C, members: list[str] | None = None, level1_predict: str = LEVEL1_PREDICT,
+                 level2_C: float | str = "auto"):
         self.columns = columns
         self.level2 = level2
         self.folds = folds
         self.seed = seed
         self.C = C
+        self.members = members
+        self.level1_predict = level1_predict
+        self.level2_C = level2_C
 
     def _level2(self):
         if self.level2 == "logreg":  # keeps its own OOF, from the same folds: the stack's CV costs no second pass
-            return CVLogReg(C=1.0, folds=self.folds, seed=self.seed)
+            return CVLogReg(C=self.level2_C, folds=self.folds, seed=self.seed, grid=LEVEL2_C_GRID,
+                            label="stack level 2")
         return PCALightGBM(pca_dims=None, seed=self.seed)
 
     def fit(self, X, y):
         self._fit_level1(X, y)
-        self.level2_ = self._level2().fit(np.hstack(self.oof_level1_), y)
+        t0 = time.perf_counter()
+        say(f"stack: level 2 ({self.level2}) on {len(self.members_)} members' log-probabilities")
+        self.oof_, self.level2_ = fit_with_oof(self._level2(), level2_inputs(self.oof_level1_), y, folds=self.folds,
+                                               seed=self.seed)
+        say(f"stack: level 2 done ({time.perf_counter() - t0:.1f} s)")
         return self
 
     def cv_predict_proba(self, y):
         """Out-of-fold probabilities of the whole stack on the training rows (level-2 CV on level-1 OOF)."""
-        if isinstance(self.level2_, CVLogReg):
-            return self.level2_.oof_
-        return cross_val_predict(self._level2(), np.hstack(self.oof_level1_), y, cv=_folds(self.folds, self.seed),
-                                 method="predict_proba")
+        return self.oof_
 
     def predict_proba(self, X):
-        return self.level2_.predict_proba(np.hstack(self._level1_probas(X)))
+        return self.level2_.predict_proba(level2_inputs(self._level1_probas(X)))
 
 
-class Blend(_PerBackbone):
-    """Per-backbone logistic regressions whose probabilities are averaged with ``weights_``: non-negative, summing
-    to 1, minimising OOF log loss (``weights="optimise"``), or all equal (``"equal"``, the ``avg`` model)."""
+class Blend(_Members):
+    """The members' probabilities averaged with ``weights_``: non-negative, summing to 1, minimising OOF log loss
+    (``weights="optimise"``), or all equal (``"equal"``, the ``avg`` model)."""
 
     def __init__(self, columns: dict, weights: str = "optimise", folds: int = 5, seed: int = 0,
-                 C: float | str = LOGREG_C):
+                 C: float | str = LOGREG_C, members: list[str] | None = None, level1_predict: str = LEVEL1_PREDICT):
         self.columns = columns
         self.weights = weights
         self.folds = folds
         self.seed = seed
         self.C = C
+        self.members = members
+        self.level1_predict = level1_predict
+
+    @property
+    def _prefix(self):
+        return "blend" if self.weights == "optimise" else "avg"
+
+    _model = property(lambda self: self._prefix)
 
     def fit(self, X, y):
         self._fit_level1(X, y)
-        n = len(self.columns)
+        n = len(self.members_)
         self.weights_ = blend_weights(self.oof_level1_, y) if self.weights == "optimise" else np.full(n, 1 / n)
         return self
 
@@ -352,15 +434,17 @@ class Blend(_PerBackbone):
 
 
 def build(model: str, columns: dict[str, tuple[int, int]], *, level2: str = "logreg", folds: int = 5, seed: int = 0,
-          C: float | str = LOGREG_C):
+          C: float | str = LOGREG_C, members: list[str] | None = None, level1_predict: str = LEVEL1_PREDICT):
     if model == "logreg":
         return CVLogReg(C=C, folds=folds, seed=seed)
     if model == "lgbm":
         return PCALightGBM(seed=seed)
     if model == "stack":
-        return OOFStack(columns, level2=level2, folds=folds, seed=seed, C=C)
+        return OOFStack(columns, level2=level2, folds=folds, seed=seed, C=C, members=members,
+                        level1_predict=level1_predict)
     if model in ("avg", "blend"):
-        return Blend(columns, weights="equal" if model == "avg" else "optimise", folds=folds, seed=seed, C=C)
+        return Blend(columns, weights="equal" if model == "avg" else "optimise", folds=folds, seed=seed, C=C,
+                     members=members, level1_predict=level1_predict)
     raise ValueError(model)
 
 
@@ -369,20 +453,32 @@ def fit_with_oof(estimator, X, y, *, folds: int, seed: int):
     if hasattr(estimator, "cv_predict_proba"):  # keeps its own OOF: one pass of fits, no second CV
         estimator.fit(X, y)
         return estimator.cv_predict_proba(y), estimator
+    say(f"{type(estimator).__name__}: {folds}-fold CV")
     oof = cross_val_predict(clone(estimator), X, y, cv=_folds(folds, seed), method="predict_proba")
+    say(f"{type(estimator).__name__}: refit on all rows")
     return oof, estimator.fit(X, y)
 
 
 def fitted_summary(estimator) -> dict:
-    """What the report shows beyond scores: the chosen C (and its grid) and the blend weights."""
+    """What the report shows beyond scores: the chosen C (and its grid), the members, level 2 and blend weights."""
     def choice(m):
-        return {"C": m.C_, "grid": {f"{c:g}": ll for c, ll in m.C_grid_.items()} if m.C_grid_ else None}
+        if not isinstance(m, CVLogReg):
+            return {"rounds": getattr(m, "rounds_", None)}
+        grid = {f"{c:g}": g for c, g in m.C_grid_.items()} if m.C_grid_ else None
+        return {"C": m.C_, "grid": grid, "edge": bool(m.C_edge_)}
 
     out = {}
     if isinstance(estimator, CVLogReg):
         out["C"] = {"logreg": choice(estimator)}
-    if isinstance(estimator, _PerBackbone):
+    if isinstance(estimator, PCALightGBM):
+        out["lgbm_rounds"] = estimator.rounds_
+    if isinstance(estimator, _Members):
+        out["members"] = list(estimator.members_)
         out["C"] = {n: choice(m) for n, m in estimator.level1_.items()}
+        out["level1_predict"] = estimator.level1_predict
+    if isinstance(estimator, OOFStack):
+        out["level2"] = {"model": estimator.level2, **choice(estimator.level2_),
+                         "inputs": f"log-probabilities clipped at {LOG_CLIP:g}"}
     if isinstance(estimator, Blend):
-        out["blend_weights"] = {n: float(w) for n, w in zip(estimator.columns, estimator.weights_)}
+        out["blend_weights"] = {n: float(w) for n, w in zip(estimator.members_, estimator.weights_)}
     return out

@@ -32,11 +32,21 @@ def scores(y: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
     labels = np.arange(len(classes))
     pred = proba.argmax(axis=1)
     out = {"rows": int(len(y)), "log_loss": kaggle_log_loss(y, proba), "accuracy": float(accuracy_score(y, pred))}
-    if len(classes) > 5:
+    if len(classes) > 5:  # with five classes or fewer the true class is always in the top five: not reported
         out["top5_accuracy"] = float(top_k_accuracy_score(y, proba, k=5, labels=labels))
-    else:
-        out["top5_accuracy"] = 1.0  # with five classes or fewer the true class is always in the top five
     return out
+
+
+def cv_estimate(report: dict) -> str:
+    """Whether a run's CV figure is nested (every choice made inside the folds) or which choice made on it makes it
+    optimistic: a C from a grid, level 2's C (chosen on the level-2 OOF it is scored on)."""
+    chosen = [name for name, c in (report.get("C") or {}).items() if c.get("grid")]
+    optimistic = []
+    if chosen:
+        optimistic.append(f"C chosen on it for {', '.join(chosen)}")
+    if (report.get("level2") or {}).get("grid"):
+        optimistic.append("level 2's C chosen on it")
+    return "optimistic: " + "; ".join(optimistic) if optimistic else "nested"
 
 
 def full_report(y: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
@@ -120,11 +130,15 @@ def markdown(report: dict) -> str:
     if excluded:
         lines += [f"{excluded['train_rows']} training rows were left out (`--exclude {excluded['file']}`); "
                   "holdout rows are never excluded.", ""]
-    lines += ["| scored on | log loss | accuracy | top-5 accuracy |", "|---|---|---|---|",
-              f"| {report['folds']}-fold CV (train) | {cv['log_loss']:.4f} | {cv['accuracy']:.4f} "
-              f"| {cv['top5_accuracy']:.4f} |"]
+    top5 = "top5_accuracy" in cv
+    kind = f", {cv['estimate']}" if "estimate" in cv else ""
+    lines += ["| scored on | log loss | accuracy |" + (" top-5 accuracy |" if top5 else ""),
+              "|---|---|---|" + ("---|" if top5 else ""),
+              f"| {report['folds']}-fold CV (train{kind})"
+              f" | {cv['log_loss']:.4f} | {cv['accuracy']:.4f} |" + (f" {cv['top5_accuracy']:.4f} |" if top5 else "")]
     if ho:
-        lines.append(f"| holdout | {ho['log_loss']:.4f} | {ho['accuracy']:.4f} | {ho['top5_accuracy']:.4f} |")
+        lines.append(f"| holdout | {ho['log_loss']:.4f} | {ho['accuracy']:.4f} |"
+                     + (f" {ho['top5_accuracy']:.4f} |" if top5 else ""))
         lines += ["", "## Holdout averages", "", "| average | precision | recall | F1 | support |",
                   "|---|---|---|---|---|"]
         for name, a in ho["averages"].items():
@@ -145,16 +159,34 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _choice_lines(name: str, c: dict, folds: int) -> list[str]:
+    if not c.get("grid"):
+        return []
+    grid = ", ".join(f"C={k}: {g['log_loss']:.4f}" + (f" [{g['iteration_limit']} at iteration limit]"
+                                                      if g["iteration_limit"] else "")
+                     + (f" [{g['noise_floor']} at noise floor]" if g["noise_floor"] else "")
+                     for k, g in c["grid"].items())
+    lines = [f"{name}: C = {c['C']:g} chosen by {folds}-fold CV on training rows (CV log loss {grid})"]
+    if c.get("edge"):
+        lines.append(f"warning: {name}'s C = {c['C']:g} is at the edge of its grid: the best C may lie beyond it")
+    return lines
+
+
 def summary_lines(report: dict) -> list[str]:
-    """Blend weights and C chosen by CV (with the grid's CV log loss), for the console and report.md."""
+    """Members, blend weights, level 2 and C chosen by CV (with the grid's CV log loss), for console and report.md."""
     lines = []
+    if report.get("members"):
+        source = ("members refit on every training row" if report.get("level1_predict") == "refit"
+                  else "mean of each member's fold models")
+        lines.append(f"members: {', '.join(report['members'])} (holdout and test from the {source})")
     if report.get("blend_weights"):
         lines.append("blend weights: " + ", ".join(f"{n} {w:.3f}" for n, w in report["blend_weights"].items()))
     for name, c in (report.get("C") or {}).items():
-        if c.get("grid"):
-            grid = ", ".join(f"C={k}: {v:.4f}" for k, v in c["grid"].items())
-            lines.append(f"{name}: C = {c['C']:g} chosen by {report['folds']}-fold CV on training rows "
-                         f"(CV log loss {grid})")
+        lines += _choice_lines(name, c, report["folds"])
+    if report.get("level2"):
+        l2 = report["level2"]
+        lines.append(f"level 2: {l2['model']} on the members' {l2.get('inputs', 'out-of-fold probabilities')}")
+        lines += _choice_lines("level 2", l2, report["folds"])
     return lines
 
 

@@ -1,6 +1,7 @@
 """Which backbones pay off: each cached backbone's CV log loss alone, then greedy forward selection on blended OOF."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -10,19 +11,22 @@ import numpy as np
 import pandas as pd
 
 from . import models as M
-from .blend import blend_oof, blend_weights
+from .blend import blend, blend_oof, blend_weights
 from .errors import FeatstackError
 from .features import load_features
 from .paths import MODELS_DIR
 from .reports import kaggle_log_loss
 from .stack import _check_trainable
 
-COLUMNS = ["step", "backbone", "alone_log_loss", "blended_log_loss", "weights", "extract_seconds", "width"]
+COLUMNS = ["step", "backbone", "alone_log_loss", "selection_log_loss", "weights", "extract_seconds", "width"]
 
 
 def greedy_selection(oofs: dict[str, np.ndarray], y: np.ndarray, splits) -> list[dict]:
     """Add, at each step, the backbone whose inclusion gives the lowest blended OOF log loss (weights fitted inside
-    each fold of the blend's own CV, so the figure is honest); every backbone ends up ranked."""
+    each fold of the blend's own CV); every backbone ends up ranked.
+
+    Each step's figure is a *selection* score: the minimum over the candidates, so it is optimistic (the more
+    candidates, the more); ``nested_estimate`` gives the honest figure for choosing this way."""
     chosen, steps = [], []
     remaining = list(oofs)
     while remaining:
@@ -31,9 +35,27 @@ def greedy_selection(oofs: dict[str, np.ndarray], y: np.ndarray, splits) -> list
         chosen.append(best)
         remaining.remove(best)
         weights = blend_weights([oofs[c] for c in chosen], y)
-        steps.append({"backbone": best, "blended_log_loss": scored[best],
+        steps.append({"backbone": best, "selection_log_loss": scored[best],
                       "weights": " ".join(f"{c}={w:.3f}" for c, w in zip(chosen, weights))})
     return steps
+
+
+def chosen_prefix(steps: list[dict]) -> int:
+    """How many of the greedy path's first backbones to keep: the step with the lowest selection score."""
+    return 1 + int(np.argmin([s["selection_log_loss"] for s in steps]))
+
+
+def nested_estimate(oofs: dict[str, np.ndarray], y: np.ndarray, outer_splits, inner_folds: int, seed: int) -> float:
+    """Honest log loss of the whole procedure (greedy path, prefix choice, blend weights): for each outer fold it
+    runs on the other folds' rows alone, with its own inner CV, and scores the outer fold's rows."""
+    out = np.zeros_like(next(iter(oofs.values())), dtype=np.float64)
+    for train, valid in outer_splits:
+        inner = list(M._folds(inner_folds, seed).split(train, y[train]))
+        steps = greedy_selection({b: o[train] for b, o in oofs.items()}, y[train], inner)
+        chosen = [s["backbone"] for s in steps[:chosen_prefix(steps)]]
+        weights = blend_weights([oofs[c][train] for c in chosen], y[train])
+        out[valid] = blend([oofs[c][valid] for c in chosen], weights)
+    return kaggle_log_loss(y, out)
 
 
 def run_select(features: str | Path, *, backbones: list[str] | None = None, folds: int = 5, seed: int = 0,
@@ -61,19 +83,28 @@ def run_select(features: str | Path, *, backbones: list[str] | None = None, fold
     for step, s in enumerate(greedy_selection(oofs, y, splits), 1):
         seconds = fs.entries[s["backbone"]].get("extract_seconds")
         rows.append({"step": step, "backbone": s["backbone"], "alone_log_loss": alone[s["backbone"]],
-                     "blended_log_loss": s["blended_log_loss"], "weights": s["weights"],
+                     "selection_log_loss": s["selection_log_loss"], "weights": s["weights"],
                      "extract_seconds": np.nan if seconds is None else float(seconds),
                      "width": fs.blocks[s["backbone"]].shape[1]})
     table = pd.DataFrame(rows, columns=COLUMNS)
     print(f"\ngreedy forward selection ({len(train)} training rows, {folds}-fold CV, blend weights fitted inside "
-          "each fold):")
+          "each fold; selection_log_loss is the best candidate's at each step, so optimistic):")
     print(table.to_string(index=False, na_rep="", float_format=lambda v: f"{v:.4f}"))
+    keep = chosen_prefix(rows)
+    print(f"nested CV of the selection (path, prefix and weights chosen inside each of {folds} outer folds)...")
+    nested = nested_estimate(oofs, y, splits, folds, seed)
+    best = table.selection_log_loss.iloc[keep - 1]
+    summary = {"chosen": list(table.backbone[:keep]), "selection_log_loss": float(best),
+               "nested_log_loss": nested, "optimism": nested - float(best)}
+    print(f"chosen: {', '.join(summary['chosen'])}: selection score {best:.4f} (optimistic), nested estimate "
+          f"{nested:.4f} (honest: {nested - best:+.4f})")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{run_id}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         table.to_csv(tmp / "selection.csv", index=False)
+        (tmp / "selection.json").write_text(json.dumps(summary, indent=2))
         os.rename(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -40,6 +40,13 @@ def _check_trainable(fs: FeatureSet, folds: int) -> None:
     counts = pd.Series(fs.labels[train]).value_counts()
     if len(counts) < 2:
         raise FeatstackError(f"{fs.paths.split_csv}: only one class ({counts.index[0]!r}) among training rows")
+    # A class with rows in split.csv but none in training (a manifest putting it only in the holdout): no model
+    # can predict it, and its holdout rows could not be scored.
+    missing = sorted(set(fs.labels[fs.rows("holdout")]) - set(counts.index))
+    if missing:
+        raise FeatstackError(f"{fs.paths.split_csv}: class {missing[0]!r} has holdout rows but no training rows"
+                             f"{f' (and {len(missing) - 1} more such classes)' if len(missing) > 1 else ''}; "
+                             "put some of its rows in training (split column) or drop the class")
     if counts.min() < folds:
         raise FeatstackError(f"class {counts.idxmin()!r} has {counts.min()} training rows, fewer than --folds {folds}; "
                              "lower --folds or add images of that class")
@@ -48,7 +55,8 @@ def _check_trainable(fs: FeatureSet, folds: int) -> None:
 def run_stack(features: str | Path, *, backbones: list[str] | None = None, model: str = "logreg",
               level2: str = "logreg", folds: int = 5, seed: int = 0, models_dir: str | Path = MODELS_DIR,
               allow_missing: bool = False, run_id: str | None = None, C: float | str = M.LOGREG_C,
-              exclude: str | Path | None = None) -> Path:
+              exclude: str | Path | None = None, members: list[str] | None = None,
+              level1_predict: str = M.LEVEL1_PREDICT) -> Path:
     """Fit one model honestly and write its run folder; returns the folder."""
     started = time.perf_counter()
     if model not in M.MODELS:
@@ -80,19 +88,26 @@ def run_stack(features: str | Path, *, backbones: list[str] | None = None, model
     X = fs.matrix
     train, holdout, test = fs.rows("train"), fs.rows("holdout"), fs.rows("test")
     y_train = np.array([index[l] for l in fs.labels[train]])
-    estimator = M.build(model, fs.column_ranges, level2=level2, folds=folds, seed=seed, C=C)
+    if members and model not in ("stack", "blend", "avg"):
+        raise FeatstackError(f"--members applies to --model stack, blend or avg, not {model}")
+    members = M.resolve_members(members, fs.column_ranges, model) if model in ("stack", "blend", "avg") else None
+    estimator = M.build(model, fs.column_ranges, level2=level2, folds=folds, seed=seed, C=C, members=members,
+                        level1_predict=level1_predict)
     print(f"{model}: {len(train)} training rows x {X.shape[1]} dims ({', '.join(fs.blocks)}), {len(classes)} classes, "
-          f"{folds}-fold CV")
+          f"{folds}-fold CV" + (f"; members {', '.join(members)}" if members else ""))
     t0 = time.perf_counter()
     # Only training rows reach the estimator: holdout labels are read once, below, for the final score.
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, M.progress(print):
         warnings.simplefilter("always", ConvergenceWarning)
         oof, estimator = M.fit_with_oof(estimator, X[train], y_train, folds=folds, seed=seed)
     _say_warnings(caught)
     fit_seconds = time.perf_counter() - t0
     cv = reports.scores(y_train, oof, classes)
+    t0 = time.perf_counter()
+    print(f"predicting {len(holdout)} holdout and {len(test)} test rows")
     ho_proba = estimator.predict_proba(X[holdout]) if len(holdout) else np.zeros((0, len(classes)))
     test_proba = estimator.predict_proba(X[test]) if len(test) else np.zeros((0, len(classes)))
+    predict_seconds = time.perf_counter() - t0
     # A test image that could not be decoded still needs its row in a submission: the training class frequencies.
     prior = np.bincount(y_train, minlength=len(classes)) / len(y_train)
     test_ids = np.concatenate([fs.ids[test], fs.unfeatured_test_ids])
@@ -107,24 +122,29 @@ def run_stack(features: str | Path, *, backbones: list[str] | None = None, model
               "weights": "random" if fs.random_weights else "trained",
               "bad_images": {"left_out": fs.bad_left_out, "test_class_frequencies": len(fs.unfeatured_test_ids)},
               "excluded": excluded, "cv": cv, "holdout": holdout_report, "seconds": round(seconds, 2),
-              "timings": {"load": round(load_seconds, 3), "cv_and_fit": round(fit_seconds, 3)},
+              "timings": {"load": round(load_seconds, 3), "cv_and_fit": round(fit_seconds, 3),
+                          "predict": round(predict_seconds, 3)},
               **M.fitted_summary(estimator)}
+    cv["estimate"] = reports.cv_estimate(report)
     config = {"run_id": run_id, "dataset": fs.paths.name, "features_dir": str(fs.paths.root.resolve()),
               "dataset_meta": fs.meta, "backbones": list(fs.blocks), "feature_files": fs.entries,
               "columns": {k: list(v) for k, v in fs.column_ranges.items()}, "classes": classes, "model": model,
               "level2": level2 if model == "stack" else None, "folds": folds, "seed": seed, "C": C,
               "allow_missing": allow_missing, "exclude": excluded, "random_weights": fs.random_weights,
+              "members": members, "level1_predict": level1_predict if members else None,
               "test_ids_class_frequencies": list(fs.unfeatured_test_ids), "trained_on": trained_on(fs),
               "params": {k: repr(v) for k, v in estimator.get_params(deep=False).items()},
               "versions": _versions(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    print(f"writing {run.root}")
     _write_run(run, estimator, config, report, fs, classes, train, holdout, test_ids, oof, ho_proba, test_proba,
                y_holdout)
     for line in reports.summary_lines(report):
         print(line)
-    print(f"CV   log loss {cv['log_loss']:.4f}  accuracy {cv['accuracy']:.4f}")
+    print(f"CV   log loss {cv['log_loss']:.4f}  accuracy {cv['accuracy']:.4f}  ({cv['estimate']})")
     if holdout_report:
-        print(f"holdout log loss {holdout_report['log_loss']:.4f}  accuracy {holdout_report['accuracy']:.4f}  "
-              f"top-5 {holdout_report['top5_accuracy']:.4f}")
+        top5 = holdout_report.get("top5_accuracy")
+        print(f"holdout log loss {holdout_report['log_loss']:.4f}  accuracy {holdout_report['accuracy']:.4f}"
+              + (f"  top-5 {top5:.4f}" if top5 is not None else ""))
     print(f"{seconds:.1f} s")
     print(run.root)
     return run.root
@@ -203,19 +223,44 @@ def read_run_json(path: Path) -> dict:
                              f"{path.parent} and rerun stack.py to rebuild it") from None
 
 
+def _C_mode(report: dict, config: dict) -> str:
+    """``1`` for a fixed C; ``auto`` and what it chose (one C, or a range over members) for a grid."""
+    if config.get("C") != "auto":
+        return f"{float(config['C']):g}" if config.get("C") is not None else ""
+    chosen = sorted({c["C"] for c in (report.get("C") or {}).values() if "C" in c})
+    if not chosen:
+        return "auto"
+    return "auto:" + (f"{chosen[0]:g}" if len(chosen) == 1 else f"{chosen[0]:g}-{chosen[-1]:g}")
+
+
+RUN_COLUMNS = ["id", "backbones", "model", "train_rows", "exclude", "C", "level2_C", "labels", "cv_log_loss",
+               "cv_estimate", "holdout_log_loss", "holdout_accuracy", "seconds"]
+
+
 def runs_table(models_dir: str | Path = MODELS_DIR, dataset: str | None = None) -> pd.DataFrame:
+    """One row per run, with what decides whether two CV figures are comparable: the training rows used (and the
+    labels' digest where the run folder records it), --exclude, the C mode, level 2's C, and whether the CV figure
+    is nested."""
     rows = []
     for rep in sorted(Path(models_dir).glob("[!.]*/report.json")):  # hidden folders are runs being written
         r = read_run_json(rep)
         if dataset and r.get("dataset") != dataset:
             continue
+        config = read_run_json(rep.parent / "config.json") if (rep.parent / "config.json").exists() else {}
         ho = r.get("holdout") or {}
+        excluded = r.get("excluded") or {}
+        trained_on = config.get("trained_on") or {}
+        level2 = r.get("level2") or {}
         rows.append({"id": r["run_id"], "backbones": ",".join(r["backbones"]), "model": r["model"],
-                     "cv_log_loss": r["cv"]["log_loss"], "holdout_log_loss": ho.get("log_loss", np.nan),
-                     "holdout_accuracy": ho.get("accuracy", np.nan), "seconds": r["seconds"]})
+                     "train_rows": (r.get("rows") or {}).get("train"),
+                     "exclude": f"{Path(excluded['file']).name} ({excluded['train_rows']})" if excluded else "-",
+                     "C": _C_mode(r, config), "level2_C": f"{level2['C']:g}" if "C" in level2 else "-",
+                     "labels": str(trained_on.get("labels_sha256", ""))[:8] or "-",
+                     "cv_log_loss": r["cv"]["log_loss"], "cv_estimate": r["cv"].get("estimate", "?").split(":")[0],
+                     "holdout_log_loss": ho.get("log_loss", np.nan), "holdout_accuracy": ho.get("accuracy", np.nan),
+                     "seconds": float(r["seconds"])})
     # Best first by CV log loss: choosing runs by holdout score would leak the holdout into model choice.
-    return pd.DataFrame(rows, columns=["id", "backbones", "model", "cv_log_loss", "holdout_log_loss",
-                                       "holdout_accuracy", "seconds"]).sort_values("cv_log_loss", kind="stable")
+    return pd.DataFrame(rows, columns=RUN_COLUMNS).sort_values("cv_log_loss", kind="stable")
 
 
 def list_runs(models_dir: str | Path = MODELS_DIR, features: str | Path | None = None) -> pd.DataFrame:
@@ -223,7 +268,11 @@ def list_runs(models_dir: str | Path = MODELS_DIR, features: str | Path | None =
     if table.empty:
         print(f"no runs in {models_dir}" + (f" for {Path(features).name}" if features else ""))
     else:
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        shown = table.assign(seconds=table.seconds.map(lambda v: f"{v:.1f}"))
+        print(shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        if table.train_rows.nunique() > 1 or table.exclude.nunique() > 1 or table.labels.nunique() > 1:
+            print("note: these runs trained on different rows or labels (train_rows, exclude, labels): their CV "
+                  "log losses are not comparable; compare runs with the same rows")
     return table
 
 

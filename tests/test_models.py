@@ -45,15 +45,45 @@ def noisy_store(tmp_path_factory):
     return store
 
 
-def test_fast_logreg_equals_plain_sklearn(tmp_path):
-    X, y, _ = _xy(write_synthetic_store(tmp_path, "s", classes=4, per_class=30, separation=0.5))
-    X = X.astype(np.float64)  # float32 gradients would blur the comparison at 1e-4
+def _recipe(X, y, folds=5, C=1.0):
+    """The scikit-learn recipe of issue #23, at featstack's production settings (float32 features, tol 1e-6)."""
+    plain = make_pipeline(StandardScaler(), LogisticRegression(C=C, tol=1e-6, max_iter=300))
+    oof = cross_val_predict(plain, X, y, cv=StratifiedKFold(folds, shuffle=True, random_state=0),
+                            method="predict_proba")
+    return oof, plain.fit(X, y)
+
+
+@pytest.mark.parametrize("classes", [4, 2])
+def test_logreg_is_the_scikit_learn_recipe(tmp_path, classes):
+    """Production settings (float32 features, tol 1e-6, C = 1): OOF and refit equal the plain recipe exactly,
+    in worker processes too (many classes, and two, where scikit-learn fits a single logit)."""
+    X, y, _ = _xy(write_synthetic_store(tmp_path, "s", classes=classes, per_class=30, separation=0.5))
+    assert X.dtype == np.float32
+    oof, plain = _recipe(X, y)
     X_new = X[::3] + 0.1
-    plain = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, tol=1e-8, max_iter=2000))
-    fast = M.CVLogReg(C=0.5, folds=3, seed=0, tol=1e-8).fit(X, y)
-    np.testing.assert_allclose(fast.predict_proba(X_new), plain.fit(X, y).predict_proba(X_new), atol=1e-4)
-    cold = cross_val_predict(plain, X, y, cv=StratifiedKFold(3, shuffle=True, random_state=0), method="predict_proba")
-    np.testing.assert_allclose(fast.oof_, cold, atol=1e-4)
+    for n_jobs in (1, 2):
+        fast = M.CVLogReg(n_jobs=n_jobs).fit(X, y)
+        np.testing.assert_array_equal(fast.oof_, oof)
+        np.testing.assert_array_equal(fast.predict_proba(X_new), plain.predict_proba(X_new))
+
+
+def test_workers_times_blas_threads_never_exceed_the_cores(tmp_path, monkeypatch):
+    """Each fold job limits its BLAS threads so that worker processes x threads <= cores (threadpoolctl)."""
+    from threadpoolctl import threadpool_info
+    X, y, _ = _xy(write_synthetic_store(tmp_path, "s", classes=3, per_class=20))
+    seen = []
+    real = M.LogisticRegression.fit
+
+    def spy(self, *args, **kwargs):
+        seen.append(max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(M.LogisticRegression, "fit", spy)
+    monkeypatch.setattr(M, "cpu_count", lambda: 4)
+    from joblib import parallel_config
+    with parallel_config(backend="threading"):  # the jobs in this process, where the spy sees their limits
+        M.logreg_cv(X, y, folds=3, n_jobs=2)
+    assert seen and max(seen) <= 2, seen
 
 
 def test_a_fold_never_sees_the_rows_it_scores(tmp_path):
@@ -107,7 +137,7 @@ def test_blend_cv_never_fits_weights_on_the_rows_it_scores():
 def test_blend_gives_noise_backbone_near_zero_weight(tmp_path, noisy_store, capsys):
     run = RunPaths(run_stack(noisy_store.root, model="blend", models_dir=tmp_path))
     weights = json.loads(run.report_json.read_text())["blend_weights"]
-    assert sorted(weights) == ["noise", "resnet50", "vgg16"]
+    assert sorted(weights) == ["concat", "noise", "resnet50", "vgg16"]  # the concatenation is a member by default
     assert all(w >= 0 for w in weights.values()) and sum(weights.values()) == pytest.approx(1, abs=1e-9)
     assert weights["noise"] < 0.05, weights
     assert "blend weights: noise 0.0" in capsys.readouterr().out
@@ -117,10 +147,10 @@ def test_blend_gives_noise_backbone_near_zero_weight(tmp_path, noisy_store, caps
 def test_select_ranks_noise_last_with_extraction_seconds(tmp_path, noisy_store):
     root = run_select(noisy_store.root, models_dir=tmp_path, run_id="sel")
     table = pd.read_csv(root / "selection.csv")
-    assert list(table.columns) == ["step", "backbone", "alone_log_loss", "blended_log_loss", "weights",
+    assert list(table.columns) == ["step", "backbone", "alone_log_loss", "selection_log_loss", "weights",
                                    "extract_seconds", "width"]
     assert table.backbone.iloc[-1] == "noise" and sorted(table.backbone) == ["noise", "resnet50", "vgg16"]
-    assert table.blended_log_loss.iloc[1] < table.blended_log_loss.iloc[0]  # the second signal backbone helps
+    assert table.selection_log_loss.iloc[1] < table.selection_log_loss.iloc[0]  # the second signal backbone helps
     by_name = table.set_index("backbone")
     assert by_name.loc["noise", "extract_seconds"] == 12.5 and np.isnan(by_name.loc["resnet50", "extract_seconds"])
     # Greedy step 1 is the best backbone alone.
@@ -133,7 +163,7 @@ def test_C_auto_larger_when_separable_smaller_when_noise(tmp_path):
     sep = M.CVLogReg(C="auto").fit(X_sep, y_sep)
     noise = M.CVLogReg(C="auto").fit(X_noise, y_noise)
     assert sep.C_ > noise.C_, (sep.C_grid_, noise.C_grid_)
-    assert sorted(sep.C_grid_) == sorted(M.C_GRID)
+    assert sorted(sep.C_grid_) == sorted(M.C_GRID) and M.C_GRID[0] == 1e-4 and M.C_GRID[-1] == 100
 
 
 def test_C_auto_in_the_report(tmp_path):
@@ -142,7 +172,9 @@ def test_C_auto_in_the_report(tmp_path):
     report = json.loads(run.report_json.read_text())
     choice = report["C"]["logreg"]
     assert set(choice["grid"]) == {f"{c:g}" for c in M.C_GRID}
-    assert choice["grid"][f"{choice['C']:g}"] == min(choice["grid"].values())
+    losses = {c: g["log_loss"] for c, g in choice["grid"].items()}
+    assert losses[f"{choice['C']:g}"] == min(losses.values())
+    assert report["cv"]["estimate"].startswith("optimistic: C chosen on it")
     assert "chosen by 5-fold CV" in run.report_md.read_text()
 
 
@@ -160,17 +192,6 @@ def test_extraction_records_seconds(demo):
             assert f.attrs["extract_seconds"] > 0
 
 
-def test_fast_logreg_equals_plain_sklearn_on_two_classes(tmp_path):
-    """scikit-learn fits two classes with a single logit; the fast folds must give the same model."""
-    X, y, _ = _xy(write_synthetic_store(tmp_path, "s", classes=2, per_class=40, separation=0.5))
-    X = X.astype(np.float64)
-    plain = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, tol=1e-8, max_iter=2000))
-    fast = M.CVLogReg(C=0.5, folds=3, seed=0, tol=1e-8).fit(X, y)
-    np.testing.assert_allclose(fast.predict_proba(X), plain.fit(X, y).predict_proba(X), atol=1e-4)
-    cold = cross_val_predict(plain, X, y, cv=StratifiedKFold(3, shuffle=True, random_state=0), method="predict_proba")
-    np.testing.assert_allclose(fast.oof_, cold, atol=1e-4)
-
-
 def test_fits_at_their_iteration_limit_are_one_line_not_python_warnings(tmp_path, monkeypatch, capsys):
     store = write_synthetic_store(tmp_path / "f", "s", classes=3, per_class=20)
     monkeypatch.setattr(M, "LOGREG_MAX_ITER", 2)
@@ -182,3 +203,84 @@ def test_fits_at_their_iteration_limit_are_one_line_not_python_warnings(tmp_path
     notes = [line for line in out.splitlines() if line.startswith("note: logistic regression stopped")]
     assert len(notes) == 1 and "2-iteration limit" in notes[0] and "--C" in notes[0]
     assert "ConvergenceWarning" not in err and "Warning" not in out.replace(notes[0], "")
+
+
+def test_C_auto_flags_iteration_limit_stops_and_an_edge_choice(tmp_path, monkeypatch, capsys):
+    X, y, _ = _xy(write_synthetic_store(tmp_path / "f", "s", classes=3, per_class=20, separation=3.0))
+    monkeypatch.setattr(M, "LOGREG_MAX_ITER", 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit = M.logreg_cv(X, y, C="auto", grid=(1e-4, 1e-3))  # separable: the weakest C on this grid wins
+    assert fit["C"] == 1e-3 and fit["edge"]
+    assert fit["grid"][1e-3]["iteration_limit"] == 6, fit["grid"]  # 5 folds and the refit
+    from featstack.reports import summary_lines
+    lines = summary_lines({"folds": 5, "C": {"logreg": {"C": 1e-3, "edge": True,
+                                                        "grid": {"0.001": fit["grid"][1e-3]}}}})
+    assert "[6 at iteration limit]" in lines[0] and "at the edge of its grid" in lines[1]
+
+
+def _exchangeable(n, rng, members=12, classes=10):
+    """OOF-like probabilities of equally good members: each row's own ambiguity shared by all, each member's noise
+    its own."""
+    from scipy.special import softmax
+    y = rng.integers(0, classes, n)
+    shared = rng.standard_normal((n, classes))
+    shared[np.arange(n), y] += 1.5
+    return y, {f"b{k:02d}": softmax(shared + rng.standard_normal((n, classes)), axis=1) for k in range(members)}
+
+
+def test_select_nested_estimate_is_not_optimistic_on_exchangeable_backbones():
+    """12 equally good backbones: the greedy path's minimum is a selection score; the nested estimate of choosing
+    that way must not be better than the chosen blend scores on fresh rows, beyond its noise."""
+    from featstack.blend import blend
+    from featstack.reports import kaggle_log_loss
+    from featstack.selection import chosen_prefix, greedy_selection, nested_estimate
+    rng = np.random.default_rng(0)
+    y, oofs = _exchangeable(600, rng)
+    y_new, fresh = _exchangeable(50_000, rng)
+    splits = list(StratifiedKFold(5, shuffle=True, random_state=0).split(y, y))
+    steps = greedy_selection(oofs, y, splits)
+    chosen = [s["backbone"] for s in steps[:chosen_prefix(steps)]]
+    weights = blend_weights([oofs[c] for c in chosen], y)
+    on_fresh = kaggle_log_loss(y_new, blend([fresh[c] for c in chosen], weights))
+    nested = nested_estimate(oofs, y, splits, 5, 0)
+    per_row = -np.log(blend([oofs[c] for c in chosen], weights)[np.arange(len(y)), y])
+    noise = per_row.std() / np.sqrt(len(y))
+    assert nested >= on_fresh - 2 * noise, (nested, on_fresh, noise)
+    assert min(s["selection_log_loss"] for s in steps) < nested  # the path's figure is the optimistic one
+
+
+def test_lightgbm_repeats_exactly_across_thread_counts(tmp_path):
+    X, y, _ = _xy(write_synthetic_store(tmp_path, "s", classes=4, per_class=40, separation=0.5))
+    one, two = (M.PCALightGBM(n_jobs=n).fit(X, y) for n in (1, 2))
+    assert one.rounds_ == two.rounds_
+    np.testing.assert_array_equal(one.predict_proba(X), two.predict_proba(X))
+
+
+def test_lightgbm_refits_on_every_row_at_the_early_stopped_round_count(tmp_path, monkeypatch):
+    import lightgbm as lgb
+    X, y, _ = _xy(write_synthetic_store(tmp_path, "s", classes=3, per_class=40, separation=0.5))
+    fits, real = [], lgb.LGBMClassifier.fit
+
+    def spy(self, X, y, **kwargs):
+        fits.append((len(X), self.n_estimators, "eval_set" in kwargs))
+        return real(self, X, y, **kwargs)
+
+    monkeypatch.setattr(lgb.LGBMClassifier, "fit", spy)
+    m = M.PCALightGBM(n_estimators=60).fit(X, y)
+    assert 1 <= m.rounds_ <= 60 and m.booster_.booster_.num_trees() == 3 * m.rounds_
+    # early stopping on 90 % of the rows, then every training row at the round count it found
+    assert fits == [(len(y) - int(np.ceil(len(y) / 10)), 60, True), (len(y), m.rounds_, False)], fits
+
+
+def test_stack_level2_C_comes_from_its_own_CV(tmp_path):
+    """Many classes, few rows, several members: level 2 at C = 1 overfits its classes x members inputs; the C its
+    own CV chooses is smaller and scores better."""
+    X, y, fs = _xy(write_synthetic_store(tmp_path, "s", classes=12, per_class=15, separation=0.8, world="similar",
+                                         widths={"a": 32, "b": 32, "c": 32}))
+    auto = M.OOFStack(fs.column_ranges).fit(X, y)
+    fixed = M.OOFStack(fs.column_ranges, level2_C=1.0).fit(X, y)
+    from featstack.reports import kaggle_log_loss
+    assert auto.level2_.C_ < 1.0 and set(auto.level2_.C_grid_) == set(M.LEVEL2_C_GRID)
+    assert kaggle_log_loss(y, auto.oof_) < kaggle_log_loss(y, fixed.oof_)
+    assert auto.members_ == ["a", "b", "c", "concat"]

@@ -106,6 +106,13 @@ def _no_labels(store):
     split.to_csv(store.split_csv, index=False)
 
 
+def _holdout_only_class(store):
+    """A manifest that puts one class only in the holdout."""
+    split = pd.read_csv(store.split_csv, dtype=str, keep_default_na=False)
+    split.loc[split.label == "class_000", "split"] = "holdout"
+    split.to_csv(store.split_csv, index=False)
+
+
 @pytest.mark.parametrize("mutate, kwargs, match", [
     (_drop_ids, {}, r"vgg16_synthetic\.h5: 3 of 195 ids of split\.csv have no vgg16 features; .*--allow-missing"),
     (_truncate, {}, r"resnet50_synthetic\.h5: damaged or unreadable feature file .*extract_features\.py"),
@@ -114,6 +121,10 @@ def _no_labels(store):
     (None, {"backbones": ["xception"]},
      r"'xception' is not cached in .*; cached: resnet50 \(resnet50_synthetic\), vgg16"),
     (None, {"model": "svm"}, r"--model svm: choose one of logreg, lgbm, stack, avg"),
+    (_holdout_only_class, {}, r"split\.csv: class 'class_000' has holdout rows but no training rows; put some"),
+    (None, {"model": "stack", "members": ["concat", "xception"]},
+     r"--members xception: choose from backbones, concat, lgbm or a backbone \(resnet50, vgg16\)"),
+    (None, {"model": "logreg", "members": ["concat"]}, r"--members applies to --model stack, blend or avg"),
 ])
 def test_bad_input(tmp_path, store, mutate, kwargs, match):
     if mutate:
@@ -157,3 +168,50 @@ def test_cli_last_line_is_run_folder_and_list_is_best_first(tmp_path, store):
     proc = subprocess.run([sys.executable, str(ROOT / "stack.py"), "--list", "--models-dir", str(tmp_path)],
                           capture_output=True, text=True, check=True)
     assert "cv_log_loss" in proc.stdout and all(o.split("/")[-1] in proc.stdout for o in out)
+
+
+def test_stack_members_level2_and_progress_in_console_and_report(tmp_path, store, capsys):
+    """The concatenation is a member by default; level 2's C, the members and the CV figure's kind are reported; every
+    phase says what it is doing (fold k of n, refit, level 2)."""
+    run = RunPaths(run_stack(store.root, model="stack", models_dir=tmp_path))
+    out = capsys.readouterr().out
+    report = json.loads(run.report_json.read_text())
+    assert report["members"] == ["resnet50", "vgg16", "concat"]
+    assert report["level2"]["C"] in [float(k) for k in report["level2"]["grid"]]
+    assert report["cv"]["estimate"] == "optimistic: level 2's C chosen on it"
+    for line in ["stack resnet50: fold 1 of 5 done", "stack concat: refit on all rows done", "stack: member 3 of 3",
+                 "stack level 2: fold 5 of 5 done", "stack: level 2 done", "predicting ", "writing "]:
+        assert line in out, line
+    md = run.report_md.read_text()
+    assert "level 2: logreg on the members' log-probabilities" in md and "members: resnet50, vgg16, concat" in md
+
+
+def test_members_option_chooses_them(tmp_path, store):
+    run = RunPaths(run_stack(store.root, model="blend", members=["vgg16", "lgbm"], models_dir=tmp_path))
+    assert sorted(json.loads(run.report_json.read_text())["blend_weights"]) == ["lgbm", "vgg16"]
+
+
+def test_top5_left_out_with_five_classes_or_fewer(tmp_path, capsys):
+    store = write_synthetic_store(tmp_path / "f", "s", classes=4, per_class=20)
+    run = RunPaths(run_stack(store.root, models_dir=tmp_path / "m"))
+    report = json.loads(run.report_json.read_text())
+    assert "top5_accuracy" not in report["cv"] and "top5_accuracy" not in report["holdout"]
+    assert "top-5" not in run.report_md.read_text() and "top-5" not in capsys.readouterr().out
+
+
+def test_list_shows_what_makes_runs_comparable(tmp_path, store, capsys):
+    run_stack(store.root, models_dir=tmp_path, run_id="plain")
+    ids = pd.read_csv(store.split_csv, dtype=str).query("split == 'train'").id[:5]
+    (tmp_path / "bad.csv").write_text("id\n" + "\n".join(ids) + "\n")
+    run_stack(store.root, models_dir=tmp_path, run_id="excl", C="auto", exclude=tmp_path / "bad.csv")
+    config = RunPaths(tmp_path / "plain").config_json
+    # the trust branch records the labels' digest in config.json; shown when present
+    config.write_text(json.dumps({**json.loads(config.read_text()),
+                                  "trained_on": {"rows": 140, "labels_sha256": "abcdef0123456789"}}))
+    table = list_runs(tmp_path, store.root).set_index("id")
+    assert table.loc["plain", "train_rows"] - 5 == table.loc["excl", "train_rows"]
+    assert table.loc["plain", "exclude"] == "-" and table.loc["excl", "exclude"] == "bad.csv (5)"
+    assert table.loc["plain", "C"] == "1" and table.loc["excl", "C"].startswith("auto:")
+    assert table.loc["plain", "labels"] == "abcdef01" and table.loc["excl", "labels"] == "-"
+    assert table.loc["plain", "cv_estimate"] == "nested" and table.loc["excl", "cv_estimate"] == "optimistic"
+    assert "not comparable" in capsys.readouterr().out

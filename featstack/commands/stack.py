@@ -20,10 +20,16 @@ def main(argv=None, prog=None):
     p.add_argument("--features", help="required unless --list: a dataset folder under features/, e.g. features/demo")
     p.add_argument("--backbones", default=None, help="comma-separated backbones (default: every cached one)")
     p.add_argument("--model", default="logreg", help="logreg|lgbm|stack|avg|blend (default logreg)")
-    p.add_argument("--level2", default="logreg", help="stack's level-2 model: logreg|lgbm (default logreg)")
+    p.add_argument("--level2", default="logreg",
+                   help="stack's level-2 model: logreg (its C chosen by CV on the level-2 inputs) or lgbm "
+                        "(default logreg)")
+    p.add_argument("--members", default=None,
+                   help="comma-separated level-1 members of stack, blend and avg: backbones (each backbone's own "
+                        "logreg), a backbone's name, concat (logreg on the concatenated features), lgbm (default: "
+                        "backbones,concat for stack and blend; backbones for avg)")
     p.add_argument("--C", default="1.0",
-                   help="inverse L2 strength of the logistic regressions (logreg, and per backbone in avg, blend and "
-                        "stack level 1), or auto: chosen from a small grid by CV on training rows (default 1.0)")
+                   help="inverse L2 strength of the logistic regressions (logreg, and each level-1 member of avg, "
+                        "blend and stack), or auto: chosen from 1e-4 ... 100 by CV on training rows (default 1.0)")
     p.add_argument("--folds", type=int, default=5, help="stratified CV folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="seed of folds and models (default 0)")
     p.add_argument("--models-dir", default=str(MODELS_DIR), help="where run folders go (default models/)")
@@ -48,5 +54,5 @@ def main(argv=None, prog=None):
                         seed=a.seed, C=a.C, models_dir=a.models_dir, run_id=a.run_id, allow_missing=a.allow_missing)
     run_main(stack.run_stack, a.features, backbones=comma_list(a.backbones), model=a.model, level2=a.level2,
              folds=a.folds, seed=a.seed, models_dir=a.models_dir, allow_missing=a.allow_missing, run_id=a.run_id, C=a.C,
-             exclude=a.exclude)
+             exclude=a.exclude, members=comma_list(a.members))
 
