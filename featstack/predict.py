@@ -92,8 +92,9 @@ class Predictor:
 
     With ``max_batch``, every batch is padded with blank rows to the next of a fixed set of shapes (batch_buckets),
     and the padding's rows are dropped from the answer: a server compiles each shape once, in ``warm()``, instead
-    of on the first request of each new size. ``traces`` counts the forward passes compiled (Python runs a model's
-    predict_step only while TensorFlow or JAX traces it), so a compile after start can be seen.
+    of on the first request of each new size (where the backend compiles any size once it has seen two, as
+    TensorFlow does, warm() finds so and stops padding). ``traces`` counts the forward passes compiled (Python
+    runs a model's predict_step only while TensorFlow or JAX traces it), so a compile after start can be seen.
     """
 
     def __init__(self, run: str | Path | None = None, models_dir: str | Path = "models", max_batch: int | None = None):
@@ -117,6 +118,7 @@ class Predictor:
             b.build()
             self._count_traces(b.model)
         self.buckets: tuple[int, ...] = ()
+        self.pad = True  # pad batches to the buckets (warm() turns it off where any batch size runs uncompiled)
         if max_batch is not None:
             self.set_max_batch(max_batch)
 
@@ -143,11 +145,23 @@ class Predictor:
         return tuple(sorted({b.input_size for b in self.backbones}))
 
     def warm(self) -> float:
-        """Run a blank batch of every bucket's shape (compiling each forward pass now); returns the seconds taken."""
+        """Run a blank batch of every bucket's shape (compiling each forward pass now); returns the seconds taken.
+
+        Then one batch of a size between the buckets: when it compiles nothing (TensorFlow relaxes a function traced
+        at two batch sizes to any batch size), padding would only cost forward work, and it is turned off."""
         t0 = time.perf_counter()
+        self.pad = True
         for rows in self.buckets:
-            self.predict_arrays({s: np.zeros((rows, s, s, 3), np.uint8) for s in self.sizes})
+            self.predict_arrays(self._blank(rows))
+        between = next((n for n in range(2, self.buckets[-1]) if n not in self.buckets), None) if self.buckets else None
+        if between is not None:
+            traces, self.pad = self.traces, False
+            self.predict_arrays(self._blank(between))
+            self.pad = self.traces != traces
         return time.perf_counter() - t0
+
+    def _blank(self, rows: int) -> dict[int, np.ndarray]:
+        return {s: np.zeros((rows, s, s, 3), np.uint8) for s in self.sizes}
 
     def predict_arrays(self, arrays: dict[int, np.ndarray], timings: dict | None = None) -> np.ndarray:
         """Class probabilities (n, classes) of one decoded batch, given as decode_batch's {size: uint8 (n, s, s, 3)}.
@@ -160,7 +174,7 @@ class Predictor:
             parts = [self.predict_arrays({s: a[k:k + step] for s, a in arrays.items()}, timings)
                      for k in range(0, n, step)]
             return np.concatenate(parts)
-        rows = next((b for b in self.buckets if b >= n), n)
+        rows = next((b for b in self.buckets if b >= n), n) if self.pad else n
         if rows > n:
             # Blank rows make the shape a compiled one; inference treats each row alone, so the real rows'
             # features are those of the batch without them (tested to 1e-5), and the blank rows are dropped.

@@ -39,7 +39,6 @@ STATIC_DIR = Path(__file__).parent / "static"
 PREVIEW_PX = 512  # the decoded photo sent back to the page: big enough to see, small enough to send
 EXAMPLE_PX = 256
 MAX_FILES = 1000  # photos in one request (the multipart parser's own default, said in words when exceeded)
-BREED_LAYOUTS = ("dog-breed", "stanford-dogs")  # the page asks "Which breed is this?" on these, else "class"
 FORWARD_WORKERS = 1  # one thread calls the models: Keras models are not called from two threads at once
 
 
@@ -267,9 +266,12 @@ def header_pixels(data: bytes) -> int:
 
 
 def noun_of(predictor: Predictor) -> str:
-    """What the page asks for: "breed" on a dog-breed dataset, else "class"."""
+    """What the page asks for: "breed" on a dataset of dog breeds (Stanford Dogs; Kaggle's dog-breed layout under a
+    name that says dog or breed), else "class": the demo's digits come in the dog-breed layout too."""
     layout = (predictor.config.get("dataset_meta") or {}).get("layout")
-    return "breed" if layout in BREED_LAYOUTS else "class"
+    name = str(predictor.config.get("dataset") or "").lower()
+    breeds = layout == "stanford-dogs" or (layout == "dog-breed" and ("breed" in name or "dog" in name))
+    return "breed" if breeds else "class"
 
 
 def check_token(token: str | None) -> None:
@@ -369,6 +371,9 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
         if preview:
             timing["preview"] = time.perf_counter() - t2
         return resized, url  # the full-size bitmap is released here, before the photo waits for its batch
+
+    from PIL import Image
+    prepare(jpeg_bytes(Image.new("RGB", (8, 8)), 8), True, {})  # the decoder's and encoder's first-use imports, now
 
     async def answer(name: str, data: bytes, preview: bool, timing: dict) -> dict:
         loop = asyncio.get_running_loop()

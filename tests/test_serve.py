@@ -292,6 +292,7 @@ def test_every_batch_size_gives_one_at_a_time_answers(predictor, demo):
     that photo alone does."""
     max_batch = ServeConfig().max_batch
     predictor.set_max_batch(max_batch)
+    predictor.pad = True  # padded to the buckets (as on JAX; warm() finds TensorFlow needs none)
     arrays, errors = decode_batch(all_demo_photos(demo, max_batch), predictor.sizes)
     assert errors == [None] * max_batch
     alone = [predictor.predict_arrays({s: a[k:k + 1] for s, a in arrays.items()})[0] for k in range(max_batch)]
@@ -321,6 +322,10 @@ def test_no_forward_pass_is_compiled_after_start_for_any_batch_size(predictor, d
         health = c.get("/api/health").json()
     assert health["compiled_since_start"] == 0 and health["largest_batch"] == max_batch
     assert health["batch_shapes"] == list(batch_buckets(max_batch))
+    predictor.pad = True  # also with every batch padded to a bucket: no compile after start
+    for n in range(1, max_batch + 1):
+        app.state.batcher._forward({s: a[:n] for s, a in arrays.items()})
+    assert predictor.traces == app.state.batcher.traces_at_start
 
 
 def test_server_timing_header_profiles_the_request(client, photos):
@@ -482,6 +487,13 @@ def test_no_token_on_a_network_address_is_said_in_the_log_and_the_page(monkeypat
         main(["--run", str(demo["run"]), "--token", "abc", "--no-token"])
 
 
-def test_page_title_says_class_unless_the_dataset_is_of_breeds(client):
-    assert client.get("/api/run").json()["noun"] == "class"  # the demo: handwritten digits
+def test_page_title_says_class_unless_the_dataset_is_of_breeds(client, predictor, monkeypatch):
+    assert client.get("/api/run").json()["noun"] == "class"  # the demo: handwritten digits in the dog-breed layout
     assert "breed" not in client.get("/").text.lower()
+    from featstack.serve import noun_of
+    for layout, name, noun in (("dog-breed", "dog-breed-identification", "breed"), ("stanford-dogs", "sd", "breed"),
+                               ("dog-breed", "demo", "class"), ("cats-dogs", "dogs-vs-cats", "class"),
+                               ("folders", "flowers", "class")):
+        monkeypatch.setitem(predictor.config, "dataset_meta", {**predictor.config["dataset_meta"], "layout": layout})
+        monkeypatch.setitem(predictor.config, "dataset", name)
+        assert noun_of(predictor) == noun, (layout, name)
