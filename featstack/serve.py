@@ -93,11 +93,17 @@ class MicroBatcher:
         self.traces_at_start: int | None = None
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor = ThreadPoolExecutor(FORWARD_WORKERS, thread_name_prefix="featstack-forward")
+
+    def warm(self) -> float:
+        """Compile every batch shape on the thread that will run them (TensorFlow sets up each thread on its first
+        call); returns the seconds taken."""
+        seconds = self._executor.submit(self.predictor.warm).result()
+        self.traces_at_start = self.predictor.traces
+        return seconds
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(FORWARD_WORKERS, thread_name_prefix="featstack-forward")
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
@@ -304,8 +310,7 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     traces = predictor.traces
     print(f"featstack: compiling the forward pass for batches of {', '.join(map(str, predictor.buckets))} photos…",
           file=sys.stderr, flush=True)
-    seconds = predictor.warm()
-    batcher.traces_at_start = predictor.traces
+    seconds = batcher.warm()
     if config.verbose:
         print(f"featstack: {predictor.traces - traces} forward pass(es) compiled in {seconds:.1f} s", file=sys.stderr)
 
