@@ -319,6 +319,10 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
         nonlocal decode_pool
         decode_pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="featstack-decode")
         await batcher.start()
+        # One photo through the whole path (decode thread, queue, forward thread, preview) before the first client's:
+        # uvicorn accepts connections only after this, and bind() already listens, so early clients wait, not fail.
+        await answer("warm-up", warm_photo, True, {})
+        batcher.batches = batcher.images = batcher.largest = 0  # /api/health counts the clients' photos
         yield
         await batcher.stop()
         decode_pool.shutdown(wait=True)
@@ -378,7 +382,8 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
         return resized, url  # the full-size bitmap is released here, before the photo waits for its batch
 
     from PIL import Image
-    prepare(jpeg_bytes(Image.new("RGB", (8, 8)), 8), True, {})  # the decoder's and encoder's first-use imports, now
+    gradient = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
+    warm_photo = jpeg_bytes(Image.fromarray(gradient, "RGB"), 64)
 
     async def answer(name: str, data: bytes, preview: bool, timing: dict) -> dict:
         loop = asyncio.get_running_loop()
@@ -590,6 +595,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)  # from now on a client that connects waits until the app answers, instead of being refused
     except OSError as exc:
         raise FeatstackError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
                              "pick another --port (0 takes a free one) or --host") from None
