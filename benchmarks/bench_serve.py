@@ -1,11 +1,16 @@
-"""serve.py throughput: photos/s at 1, 4 and 16 concurrent clients against predict.py's batch loop on the same photos.
+"""serve.py throughput: photos/s at 1, 4 and 16 concurrent clients against predict.py's batch loop on the same photos,
+and where a request's time goes (the server's Server-Timing header: multipart parsing, decode, resize, queue wait,
+forward pass, classifier, JSON).
 
 A small run is trained first (random weights, the chosen backbones) on real photos from ../shared/data when present,
-else on the embedded demo. predict.py is timed as its Predictor.predict loop (models loaded; batch 32) before and after
-the server runs, so drift of a shared machine shows; the server is the real `serve.py` process, each client a thread
-sending one photo per request.
+else on the embedded demo. `--light` uses a light model instead: a MobileNetV2 (224 px, random weights) saved here
+as a Keras model file and given as `--backbones PATH:LAYER`, as a user's own model would be. predict.py is timed as
+its Predictor.predict loop (models loaded and warm; batch 32) before and after the server runs, so drift of a shared
+machine shows; the server is the real `serve.py` process, warmed by 8 requests, each client a thread sending one
+photo per request.
 """
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -21,7 +26,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import header, write_json  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data" / "dogs-vs-cats-sample"
-MARK_BEGIN, MARK_END = "<!-- bench_serve:begin -->", "<!-- bench_serve:end -->"
+MARK_END = "<!-- bench_serve:end -->"
+
+
+def light_model_file(work: Path) -> str:
+    """MobileNetV2 at 224 px with random weights, saved as a Keras model file: `PATH:LAYER` for --backbones."""
+    import keras
+    model = keras.applications.MobileNetV2(weights=None, include_top=True, input_shape=(224, 224, 3))
+    path = work / "mobilenet_v2_224.keras"
+    model.save(path)
+    pooled = [layer.name for layer in model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D)][-1]
+    return f"{path}:{pooled}"
 
 
 def make_run(work: Path, backbones: list[str], image_size: int | None, per_class: int) -> tuple[Path, list[Path], str]:
@@ -40,8 +55,10 @@ def make_run(work: Path, backbones: list[str], image_size: int | None, per_class
         data = write_demo(work / "data")
         photos = sorted((data / "test").glob("*.jpg"))
         source = "demo digit photos (../shared/data absent)"
+    light = any(":" in b for b in backbones)
     summary = extract(ExtractConfig(data, backbones=backbones, weights="random", image_size=image_size,
-                                    features_dir=work / "features", batch_size=32, progress=False))
+                                    preprocess="tf" if light else None, features_dir=work / "features",
+                                    batch_size=32, progress=False))
     run = run_stack(summary.paths.root, model="logreg", models_dir=work / "models", folds=3)
     return run, photos, source
 
@@ -65,7 +82,10 @@ def start_server(run: Path, max_batch: int, log: Path) -> tuple[subprocess.Popen
     raise SystemExit(f"serve.py did not start: {log.read_text()[-2000:]}")
 
 
-def time_clients(url: str, photos: list[Path], clients: int) -> float:
+STAGES = ("parse", "decode", "resize", "queue", "forward", "classifier", "json", "total")
+
+
+def time_clients(url: str, photos: list[Path], clients: int, profile: list | None = None) -> float:
     import httpx
     payloads = [(p.name, p.read_bytes()) for p in photos]
     errors = []
@@ -73,9 +93,14 @@ def time_clients(url: str, photos: list[Path], clients: int) -> float:
     def client(share):
         with httpx.Client(timeout=600) as http:
             for name, data in share:
+                t0 = time.perf_counter()
                 r = http.post(url + "api/predict", files={"file": (name, data, "image/jpeg")})
                 if r.status_code != 200:
                     errors.append(r.text)
+                elif profile is not None:
+                    timing = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
+                    profile.append({**{k: float(v) for k, v in timing.items()},
+                                    "client": 1000 * (time.perf_counter() - t0)})
 
     threads = [threading.Thread(target=client, args=(payloads[k::clients],)) for k in range(clients)]
     t0 = time.perf_counter()
@@ -93,29 +118,43 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=64, help="photos per measurement")
     p.add_argument("--backbones", default="resnet50")
+    p.add_argument("--light", action="store_true", help="MobileNetV2 at 224 px as a model file (PATH:LAYER) instead "
+                                                        "of --backbones")
     p.add_argument("--image-size", type=int, default=None, help="default: each backbone's own")
     p.add_argument("--clients", default="1,4,16")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--per-class", type=int, default=20, help="training photos per class for the run")
     p.add_argument("--out", default="benchmarks/results/serve.json")
     p.add_argument("--write-md", action="store_true", help="replace the marked table in BENCHMARKS.md")
+    p.add_argument("--mark", default="bench_serve", help="which marked table of BENCHMARKS.md to replace")
     a = p.parse_args()
     import httpx
 
     from featstack.predict import Predictor
     work = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    load = {"start": os.getloadavg()}
     try:
-        run, photos, source = make_run(work, a.backbones.split(","), a.image_size, a.per_class)
+        backbones = [light_model_file(work)] if a.light else a.backbones.split(",")
+        label = "MobileNetV2 (224 px) as a model file" if a.light else a.backbones
+        run, photos, source = make_run(work, backbones, a.image_size, a.per_class)
         photos = (photos * (a.n // len(photos) + 1))[:a.n]
         predictor = Predictor(run)
         before = time_predict_loop(predictor, photos)
         print(f"predict.py loop: {before:.2f} photos/s")
+        t0 = time.perf_counter()
         proc, url = start_server(run, a.max_batch, work / "serve.log")
+        start_s = time.perf_counter() - t0
         try:
-            httpx.post(url + "api/predict", files={"file": (photos[0].name, photos[0].read_bytes())}, timeout=600)
-            served = {}
+            first = []
+            for k in range(8):  # warm-up requests; the first is timed against the later ones
+                t0 = time.perf_counter()
+                httpx.post(url + "api/predict", files={"file": (photos[k].name, photos[k].read_bytes())}, timeout=600)
+                first.append(time.perf_counter() - t0)
+            print(f"first request {first[0]:.3f} s, later ones {sorted(first[1:])[3]:.3f} s (median)")
+            served, profiles = {}, {}
             for c in map(int, a.clients.split(",")):
-                served[c] = time_clients(url, photos, c)
+                profiles[c] = []
+                served[c] = time_clients(url, photos, c, profiles[c])
                 print(f"serve.py, {c} client(s): {served[c]:.2f} photos/s")
             health = httpx.get(url + "api/health").json()
         finally:
@@ -125,10 +164,15 @@ def main():
         print(f"predict.py loop again: {after:.2f} photos/s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    load["end"] = os.getloadavg()
+    mean = {c: {k: sum(r[k] for r in rows) / len(rows) for k in (*STAGES, "client")} for c, rows in profiles.items()}
     reference = max(before, after)  # the stricter comparison on a drifting machine
     most = max(served)
-    results = {**header(), "photos": a.n, "source": source, "backbones": a.backbones, "image_size": a.image_size,
-               "max_batch": a.max_batch,
+    results = {**header(), "photos": a.n, "source": source, "backbones": label, "image_size": a.image_size,
+               "max_batch": a.max_batch, "load_average": {k: [round(x, 2) for x in v] for k, v in load.items()},
+               "server_start_s": round(start_s, 1), "first_request_s": round(first[0], 3),
+               "later_request_s_median": round(sorted(first[1:])[3], 3),
+               "profile_ms_mean": {str(c): {k: round(v, 2) for k, v in m.items()} for c, m in mean.items()},
                "predict_loop_photos_per_s": {"before": round(before, 3), "after": round(after, 3)},
                "serve_photos_per_s": {str(c): round(v, 3) for c, v in served.items()},
                "ratio_at_most_clients": round(served[most] / reference, 3), "server_batches": health["batches"],
@@ -138,15 +182,28 @@ def main():
     rows = [f"| `predict.py` batch loop (batch 32), before / after | {before:.2f} / {after:.2f} | |"]
     rows += [f"| `serve.py`, {c} concurrent client{'s' if c > 1 else ''} | {v:.2f} | {v / reference:.2f} |"
              for c, v in served.items()]
-    table = "\n".join([f"{a.n} photos: {source}; backbones {a.backbones} ({size}), random weights; run `logreg`. "
-                       f"The server answered {health['images']} photos in {health['batches']} forward passes "
-                       f"(largest {health['largest_batch']}).", "",
-                       "| measure | photos/s | ÷ `predict.py` (the faster of its two) |", "|---|---|---|", *rows])
+    stages = " | ".join(STAGES)
+    profile_rows = [f"| {c} | " + " | ".join(f"{m[k]:.1f}" for k in (*STAGES, "client")) + " |"
+                    for c, m in mean.items()]
+    la = " / ".join(f"{x:.1f}" for x in load["start"])
+    table = "\n".join([f"{a.n} photos: {source}; backbones {label} ({size}), random weights; run `logreg`; load "
+                       f"average at the start {la} (1 / 5 / 15 min). Server start (load, compile every batch shape) "
+                       f"{start_s:.1f} s; first request {first[0]:.3f} s, later ones {sorted(first[1:])[3]:.3f} s "
+                       f"(median). The server answered {health['images']} photos in {health['batches']} forward "
+                       f"passes (largest {health['largest_batch']}; compiled after start: "
+                       f"{health['compiled_since_start']}).", "",
+                       "| measure | photos/s | ÷ `predict.py` (the faster of its two) |", "|---|---|---|", *rows, "",
+                       "Where a request's time goes (mean ms per request, from the server's `Server-Timing` header; "
+                       "queue, forward and classifier are those of the request's batch; client: as the client saw it):",
+                       "", f"| clients | {stages} | client |", "|---" * (len(STAGES) + 2) + "|", *profile_rows])
     print("\n" + table)
     if a.write_md:
         md = ROOT / "BENCHMARKS.md"
         text = md.read_text()
-        start, end = text.index(MARK_BEGIN) + len(MARK_BEGIN), text.index(MARK_END)
+        begin, end_mark = f"<!-- {a.mark}:begin -->", f"<!-- {a.mark}:end -->"
+        if begin not in text:
+            text = text.replace(MARK_END, f"{MARK_END}\n\n{begin}\n{end_mark}")
+        start, end = text.index(begin) + len(begin), text.index(end_mark)
         md.write_text(text[:start] + "\n" + table + "\n" + text[end:])
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import joblib
@@ -10,7 +11,7 @@ import numpy as np
 
 from . import hub
 from .backbones import Backbone, keras_cache_dir, resolve, run_backbones, sha256_of
-from .decode import decode_batch, is_image_file
+from .decode import decode_batch, empty, is_image_file
 from .errors import FeatstackError
 from .stack import newest_run, read_run_json
 from .store import attrs_damage
@@ -97,10 +98,30 @@ def rebuild_run_command(config: dict) -> str:
             f"--backbones {','.join(config.get('backbones') or [])}")
 
 
-class Predictor:
-    """A run's backbones and fitted model, loaded once, answering batches of photos."""
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """The batch shapes a server compiles: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, ... (powers of two and 1.5 times them)
+    below ``max_batch``, and ``max_batch``. A batch is padded to the next one, so at most a third of a forward pass
+    is padding, and every shape is compiled once, at start."""
+    sizes, k = {max_batch}, 1
+    while k < max_batch:
+        sizes.add(k)
+        if k >= 2 and k * 3 // 2 < max_batch:
+            sizes.add(k * 3 // 2)
+        k *= 2
+    return tuple(sorted(sizes))
 
-    def __init__(self, run: str | Path | None = None, models_dir: str | Path = "models"):
+
+class Predictor:
+    """A run's backbones and fitted model, loaded once, answering batches of photos.
+
+    With ``max_batch``, every batch is padded with blank rows to the next of a fixed set of shapes (batch_buckets),
+    and the padding's rows are dropped from the answer: a server compiles each shape once, in ``warm()``, instead
+    of on the first request of each new size (where the backend compiles any size once it has seen two, as
+    TensorFlow does, warm() finds so and stops padding). ``traces`` counts the forward passes compiled (Python
+    runs a model's predict_step only while TensorFlow or JAX traces it), so a compile after start can be seen.
+    """
+
+    def __init__(self, run: str | Path | None = None, models_dir: str | Path = "models", max_batch: int | None = None):
         self.run = Path(run) if run else newest_run(models_dir)
         config_path = self.run / "config.json"
         if not config_path.is_file():
@@ -120,18 +141,80 @@ class Predictor:
         if any(b.weights == "random" for b in self.backbones):
             print(f"note: run {self.run.name} was trained on features of RANDOM weights (a smoke test or the offline "
                   "demo); its answers mean nothing for real photos", file=sys.stderr)
+        self.traces = 0
         for b in self.backbones:
             b.build()
+            self._count_traces(b.model)
+        self.buckets: tuple[int, ...] = ()
+        self.pad = True  # pad batches to the buckets (warm() turns it off where any batch size runs uncompiled)
+        if max_batch is not None:
+            self.set_max_batch(max_batch)
+
+    def _count_traces(self, model) -> None:
+        if getattr(model, "_featstack_counted", False):
+            return
+        step = model.predict_step
+
+        def counted(*args, **kwargs):
+            self.traces += 1
+            return step(*args, **kwargs)
+
+        model.predict_step = counted  # read by Keras's predict function each time it traces
+        model._featstack_counted = True
+
+    def set_max_batch(self, max_batch: int) -> None:
+        if max_batch < 1:
+            raise FeatstackError(f"--max-batch {max_batch}: must be at least 1")
+        self.buckets = batch_buckets(max_batch)
 
     @property
     def sizes(self) -> tuple:
         """The distinct input keys the run's backbones take (sizes, hub resizes): each photo is resized once to each."""
         return tuple(sorted({b.input_key for b in self.backbones}, key=str))
 
-    def predict_arrays(self, arrays: dict) -> np.ndarray:
-        """Class probabilities (n, classes) of one decoded batch, given as decode_batch's {key: (n, h, w, 3)}."""
-        X = np.hstack(run_backbones(self.backbones, arrays)[0])
-        return self.estimator.predict_proba(X)
+    def warm(self) -> float:
+        """Run a blank batch of every bucket's shape (compiling each forward pass now); returns the seconds taken.
+
+        Then one batch of a size between the buckets: when it compiles nothing (TensorFlow relaxes a function traced
+        at two batch sizes to any batch size), padding would only cost forward work, and it is turned off."""
+        t0 = time.perf_counter()
+        self.pad = True
+        for rows in self.buckets:
+            self.predict_arrays(self._blank(rows))
+        between = next((n for n in range(2, self.buckets[-1]) if n not in self.buckets), None) if self.buckets else None
+        if between is not None:
+            traces, self.pad = self.traces, False
+            self.predict_arrays(self._blank(between))
+            self.pad = self.traces != traces
+        return time.perf_counter() - t0
+
+    def _blank(self, rows: int) -> dict:
+        return {key: np.zeros((rows, *empty(key).shape[1:]), empty(key).dtype) for key in self.sizes}
+
+    def predict_arrays(self, arrays: dict, timings: dict | None = None) -> np.ndarray:
+        """Class probabilities (n, classes) of one decoded batch, given as decode_batch's {key: (n, h, w, 3)}.
+
+        ``timings``, when given, receives the seconds of the backbones' forward passes ("forward") and of the
+        fitted model ("classifier")."""
+        n = len(next(iter(arrays.values())))
+        if self.buckets and n > self.buckets[-1]:  # larger than any compiled shape: in pieces that are compiled
+            step = self.buckets[-1]
+            parts = [self.predict_arrays({s: a[k:k + step] for s, a in arrays.items()}, timings)
+                     for k in range(0, n, step)]
+            return np.concatenate(parts)
+        rows = next((b for b in self.buckets if b >= n), n) if self.pad else n
+        if rows > n:
+            # Blank rows make the shape a compiled one; inference treats each row alone, so the real rows'
+            # features are those of the batch without them (tested to 1e-5), and the blank rows are dropped.
+            arrays = {s: np.concatenate([a, np.zeros((rows - n, *a.shape[1:]), a.dtype)]) for s, a in arrays.items()}
+        t0 = time.perf_counter()
+        X = np.hstack([f[:n] for f in run_backbones(self.backbones, arrays)[0]])
+        t1 = time.perf_counter()
+        proba = self.estimator.predict_proba(X)
+        if timings is not None:
+            timings["forward"] = timings.get("forward", 0.0) + t1 - t0
+            timings["classifier"] = timings.get("classifier", 0.0) + time.perf_counter() - t1
+        return proba
 
     def predict(self, paths: list[str], batch_size: int = 32) -> list[tuple[str, np.ndarray | None, str | None]]:
         """(path, probabilities in self.classes order or None, error or None) for every path, in order."""

@@ -6,9 +6,12 @@ import asyncio
 import base64
 import hmac
 import io
+import ipaddress
 import json
+import os
 import socket
 import sys
+import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -23,6 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .decode import BadImage, decode_bytes, decode_rgb, to_input
 from .errors import FeatstackError
@@ -34,6 +38,16 @@ from .split import read_split
 STATIC_DIR = Path(__file__).parent / "static"
 PREVIEW_PX = 512  # the decoded photo sent back to the page: big enough to see, small enough to send
 EXAMPLE_PX = 256
+MAX_FILES = 1000  # photos in one request (the multipart parser's own default, said in words when exceeded)
+FORWARD_WORKERS = 1  # one thread calls the models: Keras models are not called from two threads at once
+
+
+def cores() -> int:
+    """The CPUs this process may run on (a container's or taskset's share, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 @dataclass
@@ -46,7 +60,12 @@ class ServeConfig:
     max_wait_ms: float = 20.0
     max_upload_mb: float = 20.0
     max_megapixels: float = 50.0
+    max_request_megapixels: float = 100.0
     token: str | None = None
+    open_api: bool = False  # --no-token on an address beyond this machine: the page and the log say so
+    stall_timeout_s: float = 30.0
+    decode_workers: int | None = None  # photos decoded at once, server-wide (default: the cores)
+    verbose: bool = False
     examples_per_class: int = 3
 
     @property
@@ -57,22 +76,34 @@ class ServeConfig:
     def max_pixels(self) -> int:
         return int(self.max_megapixels * 1_000_000)
 
+    @property
+    def max_request_pixels(self) -> int:
+        return int(self.max_request_megapixels * 1_000_000)
+
 
 class MicroBatcher:
     """Photos from concurrent requests wait in one queue; up to max_batch of them, or whatever came within
     max_wait_ms of the first, go through the Predictor in one forward pass on one thread (Keras models are not
-    called from two threads at once)."""
+    called from two threads at once). The Predictor pads each batch to a shape compiled at start."""
 
-    def __init__(self, predictor: Predictor, max_batch: int, max_wait_ms: float):
+    def __init__(self, predictor: Predictor, max_batch: int, max_wait_ms: float, verbose: bool = False):
         self.predictor, self.max_batch, self.max_wait_s = predictor, max_batch, max_wait_ms / 1000
+        self.verbose = verbose
         self.batches = self.images = self.largest = 0
+        self.traces_at_start: int | None = None
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor = ThreadPoolExecutor(FORWARD_WORKERS, thread_name_prefix="featstack-forward")
+
+    def warm(self) -> float:
+        """Compile every batch shape on the thread that will run them (TensorFlow sets up each thread on its first
+        call); returns the seconds taken."""
+        seconds = self._executor.submit(self.predictor.warm).result()
+        self.traces_at_start = self.predictor.traces
+        return seconds
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="featstack-forward")
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
@@ -83,11 +114,19 @@ class MicroBatcher:
             pass
         self._executor.shutdown(wait=True)
 
-    async def predict(self, resized: dict[int, np.ndarray]) -> np.ndarray:
-        """The class probabilities of one decoded photo, given resized once to every input size."""
+    @property
+    def compiled_since_start(self) -> int:
+        return self.predictor.traces - (self.traces_at_start or 0)
+
+    async def predict(self, resized: dict[int, np.ndarray], timing: dict) -> np.ndarray:
+        """The class probabilities of one decoded photo, given resized once to every input size; ``timing`` gets
+        the seconds it waited in the queue and those of its batch's forward pass and classifier."""
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put((resized, future))
-        return await future
+        await self._queue.put((resized, future, time.perf_counter()))
+        proba, started, batch_timing = await future
+        timing.update(batch_timing)
+        timing["queue"] = started[0] - started[1]
+        return proba
 
     async def _collect(self) -> list:
         loop = asyncio.get_running_loop()
@@ -107,7 +146,15 @@ class MicroBatcher:
                     items.append(await self._queue.get())
             except TimeoutError:
                 break
-        return [(r, f) for r, f in items if not f.done()]  # a client that went away cancelled its future
+        return [item for item in items if not item[1].done()]  # a client that went away cancelled its future
+
+    def _forward(self, arrays: dict[int, np.ndarray]):
+        started, traces, timings = time.perf_counter(), self.predictor.traces, {}
+        proba = self.predictor.predict_arrays(arrays, timings)
+        if self.predictor.traces != traces and self.traces_at_start is not None:
+            print(f"featstack: note: a forward pass was compiled after start (a batch of {len(proba)} photos); "
+                  "answers are right, this one was slow", file=sys.stderr, flush=True)
+        return proba, started, timings
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -115,21 +162,21 @@ class MicroBatcher:
             items = await self._collect()
             if not items:
                 continue
-            arrays = {s: np.stack([r[s] for r, _ in items]) for s in self.predictor.sizes}
+            arrays = {s: np.stack([r[s] for r, _, _ in items]) for s in self.predictor.sizes}
             try:
-                proba = await loop.run_in_executor(self._executor, self.predictor.predict_arrays, arrays)
+                proba, started, timings = await loop.run_in_executor(self._executor, self._forward, arrays)
             except Exception as exc:  # answered as a 500 for these photos; the server goes on
                 traceback.print_exc()
-                for _, f in items:
+                for _, f, _ in items:
                     if not f.done():
                         f.set_exception(exc)
                 continue
             self.batches += 1
             self.images += len(items)
             self.largest = max(self.largest, len(items))
-            for k, (_, f) in enumerate(items):
+            for k, (_, f, queued) in enumerate(items):
                 if not f.done():
-                    f.set_result(proba[k])
+                    f.set_result((proba[k], (started, queued), timings))
 
 
 def example_index(config: dict, classes: list[str], per_class: int) -> tuple[dict[str, list[str]], dict[str, Path]]:
@@ -187,6 +234,7 @@ class Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith("/api/"):
             return await self.app(scope, receive, send)
+        scope.setdefault("state", {})["arrived"] = time.perf_counter()  # the request's profile starts here
         headers = Headers(scope=scope)
         if self.config.token and scope["path"] != "/api/health":
             scheme, _, given = headers.get("authorization", "").partition(" ")
@@ -213,34 +261,90 @@ def too_large(config: ServeConfig) -> JSONResponse:
                   "per request, or start the server with a larger --max-upload-mb")
 
 
+def header_pixels(data: bytes) -> int:
+    """Width x height from an image's header alone (0 when it has none: the decoder says why later)."""
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.width * img.height
+    except Exception:  # not an image: answered per photo by the decoder
+        return 0
+
+
+def noun_of(predictor: Predictor) -> str:
+    """What the page asks for: "breed" on a dataset of dog breeds (Stanford Dogs; Kaggle's dog-breed layout under a
+    name that says dog or breed), else "class": the demo's digits come in the dog-breed layout too."""
+    layout = (predictor.config.get("dataset_meta") or {}).get("layout")
+    name = str(predictor.config.get("dataset") or "").lower()
+    breeds = layout == "stanford-dogs" or (layout == "dog-breed" and ("breed" in name or "dog" in name))
+    return "breed" if breeds else "class"
+
+
+def check_token(token: str | None) -> None:
+    if token is not None and not token.strip():
+        raise FeatstackError("the token is empty (--token \"\" or an empty FEATSTACK_TOKEN, as `--token \"$T\"` gives "
+                             "when T is unset): set FEATSTACK_TOKEN to a secret, or leave both out on 127.0.0.1")
+
+
 def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastAPI:
-    """The app of one run; the Predictor (backbones and fitted model) is loaded here, once, unless one is given."""
+    """The app of one run; the Predictor (backbones and fitted model) is loaded here, once, unless one is given, and
+    every batch shape up to --max-batch is compiled here, so the first request is as fast as the next."""
+    check_token(config.token)
+    from threadpoolctl import threadpool_limits
+
     predictor = predictor or Predictor(config.run, config.models_dir)
+    predictor.set_max_batch(config.max_batch)
     run = RunPaths(predictor.run)
     classes = [str(c) for c in predictor.classes]
     random_weights = any(b.weights == "random" for b in predictor.backbones)
     report = json.loads(run.report_json.read_text()) if run.report_json.is_file() else {}
     examples, example_paths = example_index(predictor.config, classes, config.examples_per_class)
     example_cache: dict[str, bytes] = {}
-    batcher = MicroBatcher(predictor, config.max_batch, config.max_wait_ms)
+    batcher = MicroBatcher(predictor, config.max_batch, config.max_wait_ms, config.verbose)
+    # The forward thread's BLAS (the classifier's) may use the cores; TensorFlow sizes its own pool to them.
+    blas_threads = max(1, cores() // FORWARD_WORKERS)
+    threadpool_limits(limits=blas_threads, user_api="blas")
+    decode_workers = config.decode_workers or cores()  # so at most this many full-size photos are in memory at once
+    decode_pool: ThreadPoolExecutor | None = None
+
+    traces = predictor.traces
+    print(f"featstack: compiling the forward pass for batches of {', '.join(map(str, predictor.buckets))} photos…",
+          file=sys.stderr, flush=True)
+    seconds = batcher.warm()
+    if config.verbose:
+        print(f"featstack: {predictor.traces - traces} forward pass(es) compiled in {seconds:.1f} s", file=sys.stderr)
 
     @asynccontextmanager
     async def lifespan(app):
+        nonlocal decode_pool
+        decode_pool = ThreadPoolExecutor(decode_workers, thread_name_prefix="featstack-decode")
         await batcher.start()
+        # One photo through the whole path (decode thread, queue, forward thread, preview) before the first client's:
+        # uvicorn accepts connections only after this, and bind() already listens, so early clients wait, not fail.
+        await answer("warm-up", warm_photo, True, {})
+        batcher.batches = batcher.images = batcher.largest = 0  # /api/health counts the clients' photos
         yield
         await batcher.stop()
+        decode_pool.shutdown(wait=True)
 
     app = FastAPI(
-        title="featstack photo app", lifespan=lifespan,
-        description=f"Which class is in this photo? Answers of run `{run.run_id}` ({len(classes)} classes), exactly "
-                    "those of `predict.py --json`. With `--token`, every `/api/` path but `/api/health` needs "
-                    "`Authorization: Bearer <token>`.")
+        title="featstack photo app", lifespan=lifespan, docs_url=None, redoc_url=None,
+        description=f"Which {noun_of(predictor)} is in this photo? Answers of run `{run.run_id}` ({len(classes)} "
+                    "classes), exactly those of `predict.py --json`. With a token (FEATSTACK_TOKEN), every `/api/` "
+                    "path but `/api/health` needs `Authorization: Bearer <token>`.")
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
         if exc.status_code == 413:
             return too_large(config)
-        if exc.status_code == 400:  # the multipart parser's "There was an error parsing the body"
+        if exc.status_code == 400:  # the multipart parser's errors
+            detail = str(exc.detail)
+            if detail.startswith("Too many files"):
+                return _error(413, f"more than {MAX_FILES} photos in one request: send at most {MAX_FILES} photos "
+                              "per request")
+            if detail.startswith("Too many fields"):
+                return _error(400, f"more than {MAX_FILES} form fields in one request: send only fields named file, "
+                              "one per photo")
             return _error(400, "the multipart body could not be parsed: send the photos as multipart/form-data "
                           "with one field named file per photo")
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
@@ -255,25 +359,39 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
                 if any(p.startswith("file") for p in problems) else "")
         return _error(422, "; ".join(problems) + hint)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect):
+        return Response(status_code=400)  # the client went away (or was closed for stalling): nobody reads this
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception):
         traceback.print_exception(exc)
         return _error(500, f"internal error ({type(exc).__name__}); the server goes on; "
                            "the server's log has the details")
 
-    def prepare(data: bytes, preview: bool):
+    def prepare(data: bytes, preview: bool, timing: dict):
+        t0 = time.perf_counter()
         img = decode_bytes(data, config.max_pixels)
+        t1 = time.perf_counter()
         resized = {s: to_input(img, s) for s in predictor.sizes}  # decode once, resize once per key, as decode_batch
+        t2 = time.perf_counter()
         url = "data:image/jpeg;base64," + base64.b64encode(jpeg_bytes(img, PREVIEW_PX)).decode() if preview else None
-        return resized, url
+        timing["decode"], timing["resize"] = t1 - t0, t2 - t1
+        if preview:
+            timing["preview"] = time.perf_counter() - t2
+        return resized, url  # the full-size bitmap is released here, before the photo waits for its batch
 
-    async def answer(upload: UploadFile, preview: bool) -> dict:
-        name = upload.filename or ""
+    from PIL import Image
+    gradient = np.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)
+    warm_photo = jpeg_bytes(Image.fromarray(gradient, "RGB"), 64)
+
+    async def answer(name: str, data: bytes, preview: bool, timing: dict) -> dict:
+        loop = asyncio.get_running_loop()
         try:
-            resized, url = await run_in_threadpool(prepare, await upload.read(), preview)
+            resized, url = await loop.run_in_executor(decode_pool, prepare, data, preview, timing)
         except BadImage as exc:
             return {"filename": name, "error": f"cannot read this photo ({exc})"}
-        proba = await batcher.predict(resized)
+        proba = await batcher.predict(resized, timing)
         order = np.argsort(-proba, kind="stable")
         out = {"filename": name, "predictions": [{"class": classes[i], "probability": float(proba[i])} for i in order]}
         if url:
@@ -285,27 +403,66 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
         return FileResponse(STATIC_DIR / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    docs_assets = swagger_ui_dir()
+    if docs_assets is not None:
+        app.mount("/docs-static", StaticFiles(directory=docs_assets), name="docs-static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        """Swagger UI from the files of the swagger-ui-bundle package: it works offline (no CDN)."""
+        if docs_assets is None:
+            raise HTTPException(404, "the API docs need the swagger-ui-bundle-v2 package (pip install -r "
+                                "requirements.txt); /openapi.json has the schema")
+        from fastapi.openapi.docs import get_swagger_ui_html
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="featstack photo app: API",
+                                   swagger_js_url="/docs-static/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-static/swagger-ui.css",
+                                   swagger_favicon_url="/docs-static/favicon-32x32.png",
+                                   swagger_ui_parameters={"validatorUrl": None})  # no badge from another host
 
     # The route's own body limit counts the bytes of a body sent without Content-Length as they stream in.
-    @app.post("/api/predict", summary="Which class is in each photo?", max_body_size=config.max_body)
-    async def predict(file: list[UploadFile] = File(..., description="one or more photos, each a field named file"),
+    @app.post("/api/predict", summary="Which class is in each photo?", max_body_size=config.max_body,
+              form_limits={"max_files": MAX_FILES, "max_fields": MAX_FILES})
+    async def predict(request: Request,
+                      file: list[UploadFile] = File(..., description="one or more photos, each a field named file"),
                       preview: bool = Query(False, description="also return each photo as decoded (EXIF orientation "
                                                                 "applied), as a JPEG data URL of at most 512 px")):
         """Every class with its probability, most probable first, for each photo; equal to `predict.py --json`.
 
         A photo that cannot be read gets `error` instead of `predictions`; the others are still answered. When no
-        photo of the request can be read, the answer is 422.
+        photo of the request can be read, the answer is 422. The photos of one request may have at most
+        --max-request-megapixels together (413). The `Server-Timing` header says where the request's time went.
         """
-        results = await asyncio.gather(*(answer(f, preview) for f in file))
+        began = time.perf_counter()
+        arrived = getattr(request.state, "arrived", began)
+        datas = [(f.filename or "", await f.read()) for f in file]
+        pixels = await asyncio.get_running_loop().run_in_executor(
+            decode_pool, lambda: sum(header_pixels(d) for _, d in datas))
+        if pixels > config.max_request_pixels:
+            return _error(413, f"the {len(datas)} photo(s) of this request have {pixels / 1e6:.1f} megapixels "
+                          f"together, more than --max-request-megapixels {config.max_request_megapixels:g}: send "
+                          "fewer or smaller photos per request")
+        timings = [{} for _ in datas]
+        results = await asyncio.gather(*(answer(n, d, preview, t) for (n, d), t in zip(datas, timings)))
         if all("error" in r for r in results):
             return _error(422, "; ".join(f"{r['filename'] or 'file'}: {r['error']}" for r in results))
-        return {"run": run.run_id, "results": results}
+        t_json = time.perf_counter()
+        body = json.dumps({"run": run.run_id, "results": results}).encode()
+        done = time.perf_counter()
+        profile = {"parse": began - arrived, **{k: sum(t.get(k, 0.0) for t in timings) for k in ("decode", "resize")},
+                   **{k: max(t.get(k, 0.0) for t in timings) for k in ("queue", "forward", "classifier")},
+                   "json": done - t_json, "total": done - arrived}
+        server_timing = ", ".join(f"{k};dur={1000 * v:.2f}" for k, v in profile.items())
+        return Response(body, media_type="application/json", headers={"Server-Timing": server_timing})
 
     @app.get("/api/health", summary="Is the server up, and with which run?")
     async def health():
         return {"status": "ok", "run": run.run_id, "classes": len(classes),
                 "backbones": list(predictor.config["backbones"]), "batches": batcher.batches,
-                "images": batcher.images, "largest_batch": batcher.largest}
+                "images": batcher.images, "largest_batch": batcher.largest, "batch_shapes": list(predictor.buckets),
+                "compiled_since_start": batcher.compiled_since_start,
+                "threads": {"cores": cores(), "forward": FORWARD_WORKERS, "blas_per_forward": blas_threads,
+                            "decode": decode_workers}}
 
     @app.get("/api/classes", summary="The run's classes, with example training ids of each")
     async def class_list():
@@ -316,9 +473,11 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
         def scores(part):
             s = report.get(part) or {}
             return {k: s[k] for k in ("accuracy", "log_loss", "top5_accuracy", "rows") if k in s} or None
-        return {"run": run.run_id, "dataset": predictor.config.get("dataset"), "model": predictor.config.get("model"),
+        return {"run": run.run_id, "dataset": predictor.config.get("dataset"), "noun": noun_of(predictor),
+                "model": predictor.config.get("model"),
                 "backbones": list(predictor.config["backbones"]), "classes": len(classes),
-                "random_weights": random_weights, "cv": scores("cv"), "holdout": scores("holdout"),
+                "random_weights": random_weights, "open_api": config.open_api, "cv": scores("cv"),
+                "holdout": scores("holdout"),
                 "report": "/api/report" if run.report_md.is_file() else None,
                 "confusion": "/api/confusion.png" if run.confusion_png.is_file() else None}
 
@@ -353,6 +512,82 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     return app
 
 
+def swagger_ui_dir() -> Path | None:
+    try:
+        import swagger_ui_bundle
+    except ImportError:
+        return None
+    return Path(swagger_ui_bundle.swagger_ui_path)
+
+
+class StallGuard:
+    """Mixed into uvicorn's h11 protocol: a connection that owes the server bytes (a request's headers or body) and
+    sends none for ``stall_timeout`` seconds is closed. Uvicorn itself waits for ever on a half-sent request (its
+    keep-alive timeout only starts after a response), so a few hundred stalled clients would hold the server."""
+
+    stall_timeout = 30.0
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self._last_data = self.loop.time()
+        self._stall_timer = self.loop.call_later(self.stall_timeout, self._check_stall)
+
+    def data_received(self, data: bytes) -> None:
+        self._last_data = self.loop.time()
+        super().data_received(data)
+
+    def connection_lost(self, exc):
+        self._stall_timer.cancel()
+        super().connection_lost(exc)
+
+    def _check_stall(self) -> None:
+        import h11
+        if self.transport.is_closing():
+            return
+        owing = self.conn.their_state in (h11.IDLE, h11.SEND_BODY)  # DONE: the request is in; the app works on it
+        idle = self.loop.time() - self._last_data
+        if owing and idle >= self.stall_timeout:
+            self.logger.info("closing a connection from %s: no bytes for %.0f s in the middle of a request",
+                             ":".join(map(str, self.client or ("?",))), idle)
+            self.transport.close()  # the app, if it was reading the body, sees the client disconnect
+            return
+        self._stall_timer = self.loop.call_later(max(self.stall_timeout - idle, 0.1) if owing else self.stall_timeout,
+                                                 self._check_stall)
+
+
+def make_server(app: FastAPI, config: ServeConfig, log_level: str = "info"):
+    """The uvicorn server of serve(): h11 with the stall timeout, uvicorn's 5 s keep-alive timeout."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    protocol = type("FeatstackH11Protocol", (StallGuard, H11Protocol), {"stall_timeout": config.stall_timeout_s})
+    return uvicorn.Server(uvicorn.Config(app, http=protocol, log_level=log_level, timeout_keep_alive=5))
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address ``host`` names is this machine's loopback (127.0.0.0/8, ::1)."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return False
+    try:
+        return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+    except ValueError:
+        return False
+
+
+def check_access(config: ServeConfig, host: str) -> None:
+    """An empty token is refused; an address beyond this machine needs a token or an explicit --no-token."""
+    check_token(config.token)
+    if config.token is None and not is_loopback(host):
+        if not config.open_api:
+            raise FeatstackError(f"--host {host} listens beyond this machine and no token is set: anyone who reaches "
+                                 "it could use the API. Set FEATSTACK_TOKEN to a secret (export FEATSTACK_TOKEN="
+                                 "$(openssl rand -hex 16)), or pass --no-token to serve it open")
+    else:
+        config.open_api = False  # on loopback, or with a token: nothing to warn about
+
+
 def bind(host: str, port: int) -> socket.socket:
     """The listening address, taken before the (slow) model load so that a busy port fails at once."""
     try:
@@ -360,6 +595,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)  # from now on a client that connects waits until the app answers, instead of being refused
     except OSError as exc:
         raise FeatstackError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc}); "
                              "pick another --port (0 takes a free one) or --host") from None
@@ -367,13 +603,15 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Load the run once, then answer on host:port until stopped."""
-    import uvicorn
-
+    """Load the run once and compile its forward passes, then answer on host:port until stopped."""
+    check_access(config, host)
     sock = bind(host, port)
     app = create_app(config)
     bound = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
+    if config.open_api:
+        print(f"featstack: WARNING: the API is open: no token, listening on {host}; anyone who reaches this address "
+              "can use it (--no-token)", file=sys.stderr, flush=True)
     print(f"featstack: serving run {app.state.predictor.run.name} at http://{shown}:{bound}/ "
           f"(API docs: http://{shown}:{bound}/docs; Ctrl+C stops)", flush=True)
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[sock])
+    make_server(app, config).run(sockets=[sock])

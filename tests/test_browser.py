@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 
@@ -61,6 +62,20 @@ def server(chromium, demo, tmp_path):
         log.close()
 
 
+def offline_page(browser, blocked: list):
+    """A page whose requests to any host but this machine fail, as on a machine without a network."""
+    context = browser.new_context(viewport={"width": 1000, "height": 700})
+
+    def route(r):
+        if urlparse(r.request.url).hostname in ("127.0.0.1", "localhost"):
+            return r.continue_()
+        blocked.append(r.request.url)
+        return r.abort("internetdisconnected")
+
+    context.route("**/*", route)
+    return context.new_page()
+
+
 def test_page_shows_predict_py_top_class_and_probability(chromium, demo, server, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -75,8 +90,9 @@ def test_page_shows_predict_py_top_class_and_probability(chromium, demo, server,
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        blocked = []
         try:
-            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page = offline_page(browser, blocked)
             page.goto(server)
             page.set_input_files('[data-testid="file-input"]', str(photo))
             page.wait_for_selector('[data-testid="prediction"]', timeout=120_000)
@@ -86,6 +102,7 @@ def test_page_shows_predict_py_top_class_and_probability(chromium, demo, server,
             shown = [(r.get_attribute("data-class"), float(r.get_attribute("data-probability")), r.inner_text())
                      for r in rows]
             header, banner = page.inner_text("header"), page.is_visible('[data-testid="random-weights-banner"]')
+            title = page.title()
             page.screenshot(path=str(tmp_path / "serve.png"))
         finally:
             browser.close()
@@ -100,3 +117,51 @@ def test_page_shows_predict_py_top_class_and_probability(chromium, demo, server,
     report = json.loads((demo["run"] / "report.json").read_text())
     assert f"holdout accuracy {report['holdout']['accuracy']:.4f}" in header and "Report" in header
     assert banner  # the demo fixture's features come from random weights
+    assert "Which class is this?" in header and title == "featstack: which class is this?"  # digits, not breeds
+    assert blocked == []  # nothing was asked of another host
+
+
+def test_first_answer_docs_offline_and_error_cards(chromium, demo, server):
+    """The first answer within 2x a later one (the forward pass is compiled before the URL is printed); /docs
+    renders with the network blocked; a photo that cannot be read gets a card without a broken image, naming the
+    file once."""
+    from playwright.sync_api import sync_playwright
+
+    photos = sorted((demo["data"] / "test").glob("*.jpg"))[:4]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        blocked = []
+        try:
+            page = offline_page(browser, blocked)
+            page.goto(server)
+            page.wait_for_function("document.querySelector('#run strong') !== null")  # the run is loaded
+            seconds = []
+            for k, photo in enumerate(photos):
+                t0 = time.perf_counter()
+                page.set_input_files('[data-testid="file-input"]', str(photo))
+                page.wait_for_function(f"document.querySelectorAll('[data-state=answered]').length === {k + 1}",
+                                       timeout=120_000)
+                seconds.append(time.perf_counter() - t0)
+
+            page.set_input_files('[data-testid="file-input"]',
+                                 files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"not a photo"}])
+            page.wait_for_selector('[data-state="failed"]', timeout=60_000)
+            card = page.query_selector('[data-state="failed"]')
+            card_text = card.inner_text()
+            card_images = card.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, "
+                                                           "getComputedStyle(i).display])")
+            error = card.query_selector('[data-testid="error"]').inner_text()
+            progress_left = page.is_visible('[data-testid="progress"]')
+
+            page.goto(server + "docs")
+            page.wait_for_selector(".swagger-ui .opblock", timeout=60_000)
+            docs_text = page.inner_text("body")
+        finally:
+            browser.close()
+    later = sorted(seconds[1:])[len(seconds[1:]) // 2]
+    assert seconds[0] <= 2 * later, seconds
+    assert card_text.count("notes.jpg") == 1 and "not an image" in error
+    assert all(display == "none" or (done and width > 0) for done, width, display in card_images), card_images
+    assert not progress_left  # every photo answered: the progress bar is gone
+    assert "/api/predict" in docs_text and "featstack photo app" in docs_text
+    assert blocked == []  # Swagger UI came from this server, not from a CDN

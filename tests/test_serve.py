@@ -7,16 +7,22 @@ import json
 import re
 import socket
 import struct
+import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from featstack.predict import Predictor
-from featstack.serve import ServeConfig, create_app
+import featstack.serve
+from featstack.decode import decode_batch
+from featstack.errors import FeatstackError
+from featstack.predict import Predictor, batch_buckets
+from featstack.serve import ServeConfig, bind, check_access, create_app, make_server
 
 from conftest import ROOT, photo
 
@@ -128,6 +134,8 @@ BAD_UPLOADS = [  # (what, request keyword arguments, status, detail pattern)
     ("no file field", dict(files=[("photo", ("a.jpg", GOOD))]), 422, r"^file: .*fields named file"),
     ("broken multipart", dict(content=b"garbage", headers={"content-type": "multipart/form-data; boundary=x"}), 400,
      r"could not be parsed"),
+    ("over 1000 files", dict(files=[("file", (f"{k}.jpg", b"x")) for k in range(1001)]), 413,
+     r"^more than 1000 photos in one request: send at most 1000"),
 ]
 
 
@@ -260,3 +268,232 @@ def test_command_reads_token_from_the_environment_and_refuses_a_busy_port(monkey
             main(["--run", str(demo["run"]), "--port", str(busy.getsockname()[1])])
     assert exit_info.value.code == 2
     assert re.search(r"error: --host 127\.0\.0\.1 --port \d+: cannot listen there", capsys.readouterr().err)
+
+
+# --- issue 23: fixed batch shapes, compiled at start ---------------------------------------------------------------
+
+def all_demo_photos(demo, n):
+    found = sorted(demo["data"].rglob("*.jpg"))
+    assert len(found) >= n
+    return [str(p) for p in found[:n]]
+
+
+def test_batch_buckets_cover_every_size():
+    for max_batch in (1, 2, 5, 8, 17, 32, 64):
+        buckets = batch_buckets(max_batch)
+        assert buckets[0] == 1 and buckets[-1] == max_batch and list(buckets) == sorted(set(buckets))
+        for n in range(1, max_batch + 1):  # the bucket a batch is padded to is at most a third padding
+            rows = next(b for b in buckets if b >= n)
+            assert rows - n <= rows / 3 or rows <= 3
+
+
+def test_every_batch_size_gives_one_at_a_time_answers(predictor, demo):
+    """A batch of every size 1..--max-batch (32, the default), padded to its compiled shape, answers each photo as
+    that photo alone does."""
+    max_batch = ServeConfig().max_batch
+    predictor.set_max_batch(max_batch)
+    predictor.pad = True  # padded to the buckets (as on JAX; warm() finds TensorFlow needs none)
+    arrays, errors = decode_batch(all_demo_photos(demo, max_batch), predictor.sizes)
+    assert errors == [None] * max_batch
+    alone = [predictor.predict_arrays({s: a[k:k + 1] for s, a in arrays.items()})[0] for k in range(max_batch)]
+    for n in range(1, max_batch + 1):
+        together = predictor.predict_arrays({s: a[:n] for s, a in arrays.items()})
+        assert together.shape == (n, len(predictor.classes))
+        for k in range(n):
+            assert abs(together[k] - alone[k]).max() < 1e-5, (n, k)
+
+
+def test_no_forward_pass_is_compiled_after_start_for_any_batch_size(predictor, demo):
+    """Counted, not timed: Python runs a model's predict_step only while TensorFlow/JAX traces (compiles) it."""
+    for b in predictor.backbones:
+        b.model.predict_function = None  # Keras makes (and traces) a new one: as a freshly loaded model would
+    before = predictor.traces
+    max_batch = 12
+    app = create_app(ServeConfig(max_batch=max_batch, max_wait_ms=300), predictor)
+    assert predictor.traces > before  # the counter sees compiles: warm-up compiled the batch shapes
+    chosen = [Path(p) for p in all_demo_photos(demo, max_batch)]
+    with TestClient(app) as c:
+        for n in range(1, max_batch + 1):  # one request of n photos: one batch of n (or fewer, if one is slow)
+            r = c.post("/api/predict", files=files(*chosen[:n]))
+            assert r.status_code == 200 and len(r.json()["results"]) == n
+        arrays, _ = decode_batch([str(p) for p in chosen], predictor.sizes)
+        for n in range(1, max_batch + 1):  # and every size as the forward thread calls it
+            app.state.batcher._forward({s: a[:n] for s, a in arrays.items()})
+        health = c.get("/api/health").json()
+    assert health["compiled_since_start"] == 0 and health["largest_batch"] == max_batch
+    assert health["batch_shapes"] == list(batch_buckets(max_batch))
+    predictor.pad = True  # also with every batch padded to a bucket: no compile after start
+    for n in range(1, max_batch + 1):
+        app.state.batcher._forward({s: a[:n] for s, a in arrays.items()})
+    assert predictor.traces == app.state.batcher.traces_at_start
+
+
+def test_server_timing_header_profiles_the_request(client, photos):
+    r = client.post("/api/predict", files=files(photos[0]))
+    timing = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
+    assert set(timing) == {"parse", "decode", "resize", "queue", "forward", "classifier", "json", "total"}
+    assert all(float(v) >= 0 for v in timing.values())
+    assert float(timing["forward"]) > 0 and float(timing["total"]) >= float(timing["forward"])
+
+
+def test_blas_threads_times_forward_workers_fit_the_cores(client):
+    from threadpoolctl import threadpool_info
+    threads = client.get("/api/health").json()["threads"]
+    assert threads["forward"] * threads["blas_per_forward"] <= threads["cores"]
+    assert threads["decode"] <= threads["cores"]
+    for lib in threadpool_info():
+        if lib["user_api"] == "blas":
+            assert lib["num_threads"] <= threads["blas_per_forward"]
+
+
+# --- issue 20: tokens, bounded memory, stalled connections ---------------------------------------------------------
+
+def test_pixels_of_one_request_are_bounded_and_the_message_names_the_option(predictor, tmp_path):
+    paths = []
+    for k in range(3):
+        paths.append(tmp_path / f"p{k}.jpg")
+        photo(k, size=(60, 60)).save(paths[-1])
+    app = create_app(ServeConfig(max_request_megapixels=0.01), predictor)  # 10,000 pixels; the 3 have 10,800
+    with TestClient(app) as c:
+        r = c.post("/api/predict", files=files(*paths))
+        assert r.status_code == 413
+        assert re.search(r"3 photo\(s\) of this request have 0\.0\d? megapixels together, more than "
+                         r"--max-request-megapixels 0\.01", r.json()["detail"]), r.json()
+        assert c.post("/api/predict", files=files(*paths[:2])).status_code == 200  # 7,200 pixels: answered
+
+
+def test_photos_are_decoded_a_few_at_a_time_not_all_at_once(predictor, photos, monkeypatch):
+    """Full-size bitmaps in memory at once are bounded by the decode workers, not by the photos of a request."""
+    decode, active, most = featstack.serve.decode_bytes, [0], [0]
+    lock = threading.Lock()
+
+    def counted(data, max_pixels=None):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            time.sleep(0.05)  # long enough that photos decoded side by side would overlap
+            return decode(data, max_pixels)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(featstack.serve, "decode_bytes", counted)
+    with TestClient(create_app(ServeConfig(decode_workers=2), predictor)) as c:
+        r = c.post("/api/predict", files=files(*(photos * 2)))
+    assert r.status_code == 200 and len(r.json()["results"]) == 8
+    assert 1 <= most[0] <= 2
+
+
+def raw_connection(port):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.settimeout(10)
+    return s
+
+
+def closed_by_server(s) -> bool:
+    try:
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return True
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_stalled_connections_are_closed_after_the_timeout(predictor, photos):
+    config = ServeConfig(stall_timeout_s=1.0)
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = make_server(create_app(config, predictor), config, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 60
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        silent = raw_connection(port)
+        half_headers = raw_connection(port)
+        half_headers.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        half_body = raw_connection(port)
+        half_body.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                          b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; "
+                          b"filename=\"a.jpg\"\r\n\r\nxxxx")
+        started = time.time()
+        for s in (silent, half_headers, half_body):
+            assert closed_by_server(s)
+        assert time.time() - started < 8
+        import httpx  # a client that sends its request is answered as ever
+        r = httpx.post(f"http://127.0.0.1:{port}/api/predict", files=files(photos[0]), timeout=60)
+        assert r.status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+TOKEN_ERRORS = [  # (argv after --run, FEATSTACK_TOKEN or None, one-line message pattern)
+    (["--token", ""], None, r"^error: the token is empty \(--token \"\" or an empty FEATSTACK_TOKEN"),
+    (["--token", "  "], None, r"^error: the token is empty"),
+    ([], "", r"^error: the token is empty"),
+    (["--host", "0.0.0.0"], None, r"^error: --host 0\.0\.0\.0 listens beyond this machine and no token is set: .*"
+                                  r"FEATSTACK_TOKEN.*--no-token"),
+    (["--host", "0.0.0.0", "--token", ""], None, r"^error: the token is empty"),
+]
+
+
+@pytest.mark.parametrize("argv, env, pattern", TOKEN_ERRORS, ids=[" ".join(c[0]) + f" env={c[1]!r}"
+                                                                   for c in TOKEN_ERRORS])
+def test_empty_tokens_and_open_network_addresses_are_refused(monkeypatch, demo, capsys, argv, env, pattern):
+    import uvicorn
+
+    from featstack.commands.serve import main
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: pytest.fail("the server started"))
+    monkeypatch.delenv("FEATSTACK_TOKEN", raising=False)
+    if env is not None:
+        monkeypatch.setenv("FEATSTACK_TOKEN", env)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--run", str(demo["run"]), "--port", "0", *argv])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and re.search(pattern, err), err
+
+
+def test_empty_token_is_refused_by_the_library_too(predictor):
+    for call in (lambda: create_app(ServeConfig(token=""), predictor),
+                 lambda: check_access(ServeConfig(token=""), "127.0.0.1")):
+        with pytest.raises(FeatstackError, match="the token is empty"):
+            call()
+
+
+def test_no_token_on_a_network_address_is_said_in_the_log_and_the_page(monkeypatch, demo, predictor, capsys):
+    import uvicorn
+
+    from featstack.commands.serve import main
+    ran = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: ran.append(self.config.app))
+    monkeypatch.delenv("FEATSTACK_TOKEN", raising=False)
+    main(["--run", str(demo["run"]), "--host", "0.0.0.0", "--port", "0", "--no-token"])
+    assert ran and "the API is open: no token, listening on 0.0.0.0" in capsys.readouterr().err
+    with TestClient(create_app(ServeConfig(open_api=True), predictor)) as c:
+        assert c.get("/api/run").json()["open_api"] is True
+        assert 'data-testid="open-api-banner"' in c.get("/").text
+    with TestClient(create_app(ServeConfig(), predictor)) as c:
+        assert c.get("/api/run").json()["open_api"] is False
+    config = ServeConfig(open_api=True)
+    check_access(config, "localhost")  # loopback: --no-token changes nothing, nothing to warn about
+    assert config.open_api is False
+    with pytest.raises(SystemExit):  # a token and --no-token contradict each other
+        main(["--run", str(demo["run"]), "--token", "abc", "--no-token"])
+
+
+def test_page_title_says_class_unless_the_dataset_is_of_breeds(client, predictor, monkeypatch):
+    assert client.get("/api/run").json()["noun"] == "class"  # the demo: handwritten digits in the dog-breed layout
+    assert "breed" not in client.get("/").text.lower()
+    from featstack.serve import noun_of
+    for layout, name, noun in (("dog-breed", "dog-breed-identification", "breed"), ("stanford-dogs", "sd", "breed"),
+                               ("dog-breed", "demo", "class"), ("cats-dogs", "dogs-vs-cats", "class"),
+                               ("folders", "flowers", "class")):
+        monkeypatch.setitem(predictor.config, "dataset_meta", {**predictor.config["dataset_meta"], "layout": layout})
+        monkeypatch.setitem(predictor.config, "dataset", name)
+        assert noun_of(predictor) == noun, (layout, name)

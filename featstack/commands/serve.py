@@ -12,7 +12,7 @@ DESCRIPTION = ("The photo app: a web page and a JSON API that say which class (b
 EXAMPLES = """examples:
   %(prog)s
   %(prog)s --run models/RUN_ID --port 8080
-  %(prog)s --host 0.0.0.0 --token SECRET
+  FEATSTACK_TOKEN=$(openssl rand -hex 16) %(prog)s --host 0.0.0.0
 """
 
 
@@ -44,12 +44,27 @@ def main(argv=None, prog=None):
                    help="largest request body, all its photos together (default 20)")
     p.add_argument("--max-megapixels", type=_positive(float), default=50.0,
                    help="largest photo, judged from its header before decoding (default 50)")
-    p.add_argument("--token", default=os.environ.get("FEATSTACK_TOKEN") or None,
-                   help="require Authorization: Bearer TOKEN on the API (default: $FEATSTACK_TOKEN; none: open)")
+    p.add_argument("--max-request-megapixels", type=_positive(float), default=100.0,
+                   help="most pixels of all the photos of one request together, judged from their headers before "
+                        "decoding (default 100)")
+    p.add_argument("--stall-timeout", type=_positive(float), default=30.0,
+                   help="seconds a client may send nothing in the middle of a request before its connection is "
+                        "closed (default 30)")
+    p.add_argument("--token", default=None,
+                   help="require Authorization: Bearer TOKEN on the API (default: $FEATSTACK_TOKEN; prefer that "
+                        "variable: a --token argument is visible to every user in ps)")
+    p.add_argument("--no-token", action="store_true",
+                   help="serve the API without a token on an address beyond this machine (--host 0.0.0.0)")
     a = parse_command(p, argv)
     if a.max_wait_ms < 0:
         p.error(f"--max-wait-ms {a.max_wait_ms:g}: must be 0 or more")
+    token = a.token if a.token is not None else os.environ.get("FEATSTACK_TOKEN")
+    if a.no_token and token is not None:
+        given = "--token" if a.token is not None else "FEATSTACK_TOKEN"
+        p.error(f"--no-token with a token ({given}): give one or the other")
     from ..serve import ServeConfig, serve
     config = ServeConfig(run=a.run, models_dir=a.models_dir, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,
-                         max_upload_mb=a.max_upload_mb, max_megapixels=a.max_megapixels, token=a.token)
+                         max_upload_mb=a.max_upload_mb, max_megapixels=a.max_megapixels,
+                         max_request_megapixels=a.max_request_megapixels, stall_timeout_s=a.stall_timeout,
+                         token=token, open_api=a.no_token, verbose=a.verbose)
     run_main(serve, config, host=a.host, port=a.port)

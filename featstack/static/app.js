@@ -66,6 +66,10 @@ async function loadRun() {
   if (run.report) links.append(link("Report", run.report));
   if (run.confusion) links.append(link("Confusion matrix", run.confusion));
   $("#banner").hidden = !run.random_weights;
+  $("#open-banner").hidden = !run.open_api;
+  const question = `Which ${run.noun || "class"} is this?`;
+  $("#title").textContent = question;
+  document.title = "featstack: " + question.toLowerCase();
   const classes = await (await api("/api/classes")).json();
   for (const c of classes.classes) state.examples.set(c.class, c.examples);
 }
@@ -73,19 +77,35 @@ async function loadRun() {
 function newCard(name) {
   const card = $("#card-template").content.firstElementChild.cloneNode(true);
   $(".filename", card).textContent = name;
+  setProgress(card, "waiting to be sent");
   $("#cards").prepend(card);
   return card;
 }
 
-function showError(card, message) {
+// Each card says where its photo is: waiting, being sent, being answered; the answer replaces the line.
+function setProgress(card, text) {
+  $(".progress", card).textContent = text;
+  card.dataset.state = text;
+}
+
+function showError(card, name, message) {
+  // The card's heading names the file: the message does not repeat it ("name: reason" from the server).
+  const prefix = name + ": ";
   const error = $(".error", card);
-  error.textContent = message;
+  error.textContent = message.startsWith(prefix) ? message.slice(prefix.length) : message;
   error.hidden = false;
+  $(".photo", card).remove(); // no image to show: no empty frame, no broken-image icon or alt text
+  setProgress(card, "");
   card.classList.add("failed");
+  card.dataset.state = "failed";
 }
 
 async function showAnswer(card, result) {
-  $(".photo", card).src = result.image;
+  const photo = $(".photo", card);
+  photo.src = result.image;
+  photo.hidden = false;
+  setProgress(card, "");
+  card.dataset.state = "answered";
   const list = $(".predictions", card);
   for (const p of result.predictions.slice(0, TOP)) {
     const row = document.createElement("li");
@@ -121,33 +141,44 @@ async function showAnswer(card, result) {
   $(".examples", card).hidden = false;
 }
 
-async function predictOne(file) {
-  const card = newCard(file.name);
+async function predictOne(file, card) {
   try {
     await state.ready;
+    setProgress(card, "sending…");
     const form = new FormData();
     form.append("file", file, file.name);
-    const response = await api("/api/predict?preview=true", { method: "POST", body: form });
+    const sent = api("/api/predict?preview=true", { method: "POST", body: form });
+    setProgress(card, "answering…");
+    const response = await sent;
     const body = await response.json();
-    if (!response.ok) return showError(card, body.detail);
+    if (!response.ok) return showError(card, file.name, body.detail);
     const result = body.results[0];
-    if (result.error) return showError(card, result.error);
+    if (result.error) return showError(card, file.name, result.error);
     await showAnswer(card, result);
   } catch (err) {
-    showError(card, err.message);
+    showError(card, file.name, err.message);
   }
 }
 
 async function predictAll(files) {
-  const queue = Array.from(files);
-  const status = $("#status");
+  const queue = Array.from(files, (file) => [file, newCard(file.name)]);
+  const total = queue.length;
+  const progress = $("#progress");
+  const text = $("#status-text");
   let done = 0;
-  status.textContent = `Answering ${queue.length} photo(s)…`;
+  const show = () => {
+    progress.max = total;
+    progress.value = done;
+    progress.hidden = done === total;
+    text.textContent = done === total ? `${total} of ${total} answered` : `${done} of ${total} answered…`;
+  };
+  show();
   const worker = async () => {
     while (queue.length) {
-      await predictOne(queue.shift());
+      const [file, card] = queue.shift();
+      await predictOne(file, card);
       done += 1;
-      status.textContent = `${done} of ${done + queue.length} answered`;
+      show();
     }
   };
   await Promise.all(Array.from({ length: Math.min(IN_FLIGHT, queue.length) }, worker));
@@ -175,9 +206,9 @@ function setUp() {
     state.token = $("#token").value.trim();
     sessionStorage.setItem("featstack-token", state.token);
     $("#token-box").hidden = true;
-    state.ready = loadRun().catch((err) => { $("#status").textContent = err.message; });
+    state.ready = loadRun().catch((err) => { $("#status-text").textContent = err.message; });
   });
-  state.ready = loadRun().catch((err) => { $("#status").textContent = err.message; });
+  state.ready = loadRun().catch((err) => { $("#status-text").textContent = err.message; });
 }
 
 setUp();
