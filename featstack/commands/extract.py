@@ -3,7 +3,7 @@ extract and cache pooled features of frozen ImageNet backbones for every image o
 """
 import argparse
 
-from ..cli import batch_size_arg, comma_list, parse_command, run_main
+from ..cli import batch_size_arg, comma_list, parse_command, run_main, usage
 from ..paths import FEATURES_DIR
 
 DESCRIPTION = 'Extract and cache pooled features of frozen ImageNet backbones for every image of a dataset.'
@@ -16,7 +16,8 @@ EXAMPLES = """examples:
 
 
 def parse_args(argv=None, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EXAMPLES,
+    p = argparse.ArgumentParser(prog=prog, usage=usage("--data DATA [options]", "--demo [options]"),
+                                description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="required unless --demo: the dataset folder (or manifest CSV)")
     p.add_argument("--layout", default="auto",
