@@ -8,7 +8,8 @@ unique by trailing bytes JPEG readers ignore) so hashing and header reads touch 
 
 threshold: real dogs-vs-cats photos plus re-encoded copies of test photos placed in train (0.52-0.90x size, JPEG
 quality 41-60), extracted with seeded random weights; prints the cosine similarity of the copies and of the closest
-distinct photos, as audit.py computes it.
+distinct photos, as audit.py computes it, and the pixel difference audit.py confirms candidates with: of the copies,
+and of every distinct pair whose features pass the lowest threshold studied.
 """
 import argparse
 import json
@@ -30,6 +31,7 @@ from common import header, write_json  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data" / "dogs-vs-cats-sample"
 WIDTHS = {"xception": 2048, "inception_v3": 2048, "resnet50": 2048, "vgg16": 512}
 LIMIT = 60
+THRESHOLDS = (0.85, 0.9, 0.95, 0.98)
 
 
 def _photo_bytes() -> list[bytes]:
@@ -109,7 +111,7 @@ def speed(a) -> dict:
 def threshold_study(a) -> dict:
     from PIL import Image
 
-    from featstack.audit import embedding
+    from featstack.audit import PIXEL_DIFFERENCE, embedding, image_paths, pixel_difference, pixel_signature
     from featstack.extract import extract
     from featstack.features import load_features
     if not SHARED.is_dir():
@@ -144,6 +146,13 @@ def threshold_study(a) -> dict:
         for x, y in copy_pairs:
             distinct[x, y] = distinct[y, x] = False
         distinct_sims = sim[np.triu(distinct)]
+        # Pixels of the copies, and of each distinct pair similar enough to be a candidate at the lowest threshold.
+        path_of, _ = image_paths(fs)
+        signature = {i: pixel_signature(path_of[i]) for i in fs.ids}
+        copy_pixels = np.array([pixel_difference(signature[fs.ids[x]], signature[fs.ids[y]]) for x, y in copy_pairs])
+        xs, ys = np.nonzero(np.triu(distinct) & (sim >= min(THRESHOLDS)))
+        near_sims = sim[xs, ys]
+        near_pixels = np.array([pixel_difference(signature[fs.ids[x]], signature[fs.ids[y]]) for x, y in zip(xs, ys)])
         if a.sheet:
             from featstack.audit import run_audit
             from featstack.stack import run_stack
@@ -154,10 +163,19 @@ def threshold_study(a) -> dict:
             "copy_similarity": {"min": float(copy_sims.min()), "median": float(np.median(copy_sims))},
             "distinct_similarity": {"max": float(distinct_sims.max()),
                                     "p99.9": float(np.quantile(distinct_sims, 0.999))},
+            "copy_pixel_difference": {"max": float(copy_pixels.max()), "median": float(np.median(copy_pixels))},
+            "distinct_candidates_pixel_difference_min": float(near_pixels.min()) if len(near_pixels) else None,
+            "pixel_difference_limit": PIXEL_DIFFERENCE,
             "at_threshold": {str(t): {"copies_found": int((copy_sims >= t).sum()),
-                                      "distinct_pairs_above": int((distinct_sims >= t).sum())}
-                             for t in (0.9, 0.95, 0.98)}})
+                                      "distinct_pairs_above": int((distinct_sims >= t).sum()),
+                                      "copies_confirmed_by_pixels": int(((copy_sims >= t) &
+                                                                         (copy_pixels <= PIXEL_DIFFERENCE)).sum()),
+                                      "distinct_pairs_confirmed_by_pixels": int(((near_sims >= t) &
+                                                                                 (near_pixels <= PIXEL_DIFFERENCE)
+                                                                                 ).sum())}
+                             for t in THRESHOLDS}})
     print(json.dumps({k: results[k] for k in ("images", "copies", "copy_similarity", "distinct_similarity",
+                                              "copy_pixel_difference", "distinct_candidates_pixel_difference_min",
                                               "at_threshold")}, indent=2))
     return results
 
