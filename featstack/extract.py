@@ -185,9 +185,7 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
                                            precision, seed)
             known_bad = still_bad(paths, jobs, table)
         if engine == "local":
-            for job in jobs:
-                if job.todo:
-                    job.backbone.build()  # the Ray engine builds on its actors instead
+            build_models(jobs)  # the Ray engine builds on its actors instead
         split.write(paths)
         active = [j for j in jobs if j.todo]
         for job in active:
@@ -221,9 +219,7 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
 def _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, pooling, tta, precision, seed):
     """The demo may not stop for want of ImageNet weights: it says so loudly and records seeded random weights."""
     try:
-        for job in jobs:
-            if job.todo:
-                job.backbone.build()
+        build_models(jobs)
         return jobs
     except FeatstackError as exc:
         bar = "!" * 78
@@ -234,6 +230,19 @@ def _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, 
         randoms = bb.resolve(names, weights="random", image_size=image_size, pooling=pooling, tta=tta,
                              precision=precision, seed=seed)
         return plan_jobs(paths, randoms, ids, shard_rows)
+
+
+def build_models(jobs: list[Job]) -> None:
+    """Build each needed model once, one line each: building (and downloading weights) can take a while."""
+    for job in jobs:
+        b = job.backbone
+        if job.todo and b.model is None:
+            started = time.perf_counter()
+            print(f"model {b.name} ({b.input_size} px, {b.weights} weights) ...", end=" ", flush=True)
+            try:
+                b.build()
+            finally:
+                print(f"{time.perf_counter() - started:.1f} s" if b.model is not None else "failed", flush=True)
 
 
 def print_summary(summary: Summary) -> None:
