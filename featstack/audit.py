@@ -624,7 +624,7 @@ def _sheet(groups: list[tuple[str, list[tuple[str, str]]]], png: Path, per_row: 
 
 
 def label_sheet(issues: pd.DataFrame, png: Path) -> None:
-    groups = [(f"{_short(r['id'])} ({r['split']})\ngiven: {_short(r['given_label'], 26)}\n"
+    groups = [(f"{_short(r['id'])}\n{r['split']}, given: {_short(r['given_label'], 19)}\n"
                f"suggested: {_short(r['suggested_label'], 22)}\nlabel quality {r['label_quality']:.3f}",
                [(r["path"], "")]) for r in issues.to_dict("records") if r["path"]]
     if groups:
@@ -637,7 +637,7 @@ def duplicate_sheet(pairs: pd.DataFrame, png: Path) -> None:
         if r["path_a"] and r["path_b"]:
             how = ("byte-identical" if r["exact"] else
                    f"similarity {r['similarity']:.3f}, pixel difference {r['pixel_difference']:.3f}")
-            groups.append((f"#{k}  {how}, {pair_kind(r['split_a'], r['split_b'])}",
+            groups.append((f"#{k}  {pair_kind(r['split_a'], r['split_b'])}\n{how}",
                            [(r["path_a"], f"{r['split_a']}: {_short(r['id_a'], 20)}"),
                             (r["path_b"], f"{r['split_b']}: {_short(r['id_b'], 20)}")]))
     if groups:
@@ -667,13 +667,13 @@ def plot_class_balance(fs: FeatureSet, png: Path) -> None:
     counts = frame.groupby(["label", "split"]).size().unstack(fill_value=0).reindex(columns=["train", "holdout"],
                                                                                     fill_value=0)
     n = len(counts)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.14 * n + 2), 4.5))
+    # Constrained layout keeps the title and the legend (outside the axes, over no bar) inside the figure.
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.14 * n + 3), 4.5), layout="constrained")
     ax.bar(range(n), counts["train"], label="train", color="#4878a8")
     ax.bar(range(n), counts["holdout"], bottom=counts["train"], label="holdout", color="#e0a040")
     ax.set_xticks(range(n), counts.index, rotation=90, fontsize=max(4.0, min(10.0, 400 / max(n, 1))))
     ax.set_ylabel("images")
-    ax.legend()
-    ax.set_title(f"Class balance: {n} classes, {int((fs.split == 'test').sum())} unlabelled test images")
-    fig.tight_layout()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.suptitle(f"Class balance: {n} classes, {int((fs.split == 'test').sum())} unlabelled test images")
     fig.savefig(png, dpi=90)
     plt.close(fig)

@@ -152,10 +152,11 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
     """Extract (or complete) the cached features of every image for every requested backbone."""
     started = time.perf_counter()
     if demo:
-        from .demo import write_demo
-        data = write_demo(Path(data) if data else DEMO_DATA_DIR)
+        from . import demo as demo_competition
+        data = demo_competition.write_demo(Path(data) if data else DEMO_DATA_DIR)
         name = name or DEMO_NAME
-        image_size = image_size or 96  # digits are 8x8: 96 px keeps the demo a few minutes on 2 cores
+        backbones = backbones or list(demo_competition.BACKBONES)  # light ones: the quick start stays quick
+        image_size = image_size or demo_competition.BACKBONE_PX
     if data is None:
         raise FeatstackError("--data: name the dataset folder (or use --demo)")
     table, layout = read_layout(data, layout)
