@@ -175,7 +175,8 @@ class Backbone:
 
     def _imagenet_missing_message(self, exc: Exception) -> str:
         """Every weight file the run lacks (not only this backbone's), where they go, and the two ways on."""
-        cause = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        cause = (str(exc).splitlines() or [type(exc).__name__])[0]
+        cause = cause.rsplit(" -- ", 1)[-1][:160]  # Keras: "URL fetch failure on <url>: None -- [Errno -2] ..."
         cache = keras_cache_dir()
         missing = [f for f in dict.fromkeys((*self.imagenet_files, Path(self.weights_file).name))
                    if not (cache / f).is_file()]

@@ -183,10 +183,10 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
         known_bad = still_bad(paths, jobs, table)
         if demo and weights == "imagenet":
             jobs = _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, pooling, tta,
-                                           precision, seed)
+                                           precision, seed, batch_size)
             known_bad = still_bad(paths, jobs, table)
         if engine == "local":
-            build_models(jobs)  # the Ray engine builds on its actors instead
+            build_models(jobs, batch_size)  # the Ray engine builds on its actors instead
         split.write(paths)
         active = [j for j in jobs if j.todo]
         for job in active:
@@ -217,10 +217,11 @@ def extract(data: str | Path | None = None, *, layout: str = "auto", backbones: 
     return summary
 
 
-def _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, pooling, tta, precision, seed):
+def _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, pooling, tta, precision, seed,
+                            batch_size):
     """The demo may not stop for want of ImageNet weights: it says so loudly and records seeded random weights."""
     try:
-        build_models(jobs)
+        build_models(jobs, batch_size)
         return jobs
     except FeatstackError as exc:
         bar = "!" * 78
@@ -233,15 +234,22 @@ def _demo_weights_or_random(jobs, paths, resolved, ids, shard_rows, image_size, 
         return plan_jobs(paths, randoms, ids, shard_rows)
 
 
-def build_models(jobs: list[Job]) -> None:
-    """Build each needed model once, one line each: building (and downloading weights) can take a while."""
+def build_models(jobs: list[Job], batch_rows: int) -> None:
+    """Build each needed model once and compile its forward pass, one line each.
+
+    Building (and downloading weights) and the first forward pass of each model (tracing, graph optimisation) take
+    seconds to tens of seconds on a small machine: said model by model here, not hidden in the first batch.
+    """
     for job in jobs:
         b = job.backbone
         if job.todo and b.model is None:
             started = time.perf_counter()
-            print(f"model {b.name} ({b.input_size} px, {b.weights} weights) ...", end=" ", flush=True)
+            print(f"model {b.name} ({b.input_size} px, {b.weights} weights): building and compiling ...", end=" ",
+                  flush=True)
             try:
                 b.build()
+                b.batch_rows = batch_rows  # the one shape every batch will have: compiled once, here
+                b.features(np.zeros((1, b.input_size, b.input_size, 3), np.uint8))
             finally:
                 print(f"{time.perf_counter() - started:.1f} s" if b.model is not None else "failed", flush=True)
 
