@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, log_loss
 
@@ -67,3 +68,23 @@ def test_notebook_runs_as_the_readme_says_with_legend_and_own_colours(demo, tmp_
         # The digits are greyscale files: drawn in grey, not in a false-colour palette (every pixel R = G = B).
         examples = np.asarray(Image.open(io.BytesIO(base64.b64decode(pngs[-1]))).convert("RGB")).astype(int)
         assert np.abs(np.diff(examples, axis=2)).max() <= 2
+
+
+def test_demo_extracts_the_measured_light_backbones_unless_told(tmp_path, monkeypatch):
+    # README "Quick start": resnet50, inception_v3 and efficientnet_b0 at 75 px (chosen by benchmarks/bench_demo.py).
+    from featstack import backbones as bb
+    from featstack import demo as demo_competition
+    from featstack.errors import FeatstackError
+    from featstack.extract import extract
+    asked = []
+
+    def resolve(names, **kwargs):
+        asked.append((list(names), kwargs["image_size"]))
+        raise FeatstackError("stop here: only the choice is tested")
+    monkeypatch.setattr(bb, "resolve", resolve)
+    for backbones, size in ((None, None), (["vgg16"], 48)):
+        with pytest.raises(FeatstackError, match="stop here"):
+            extract(tmp_path / "data", demo=True, backbones=backbones, image_size=size,
+                    features_dir=tmp_path / "features", progress=False)
+    assert asked == [(["resnet50", "inception_v3", "efficientnet_b0"], 75), (["vgg16"], 48)]
+    assert demo_competition.BACKBONES == ("resnet50", "inception_v3", "efficientnet_b0")
