@@ -8,7 +8,12 @@ unique by trailing bytes JPEG readers ignore) so hashing and header reads touch 
 
 threshold: real dogs-vs-cats photos plus re-encoded copies of test photos placed in train (0.52-0.90x size, JPEG
 quality 41-60), extracted with seeded random weights; prints the cosine similarity of the copies and of the closest
-distinct photos, as audit.py computes it.
+distinct photos, as audit.py computes it, and the pixel difference audit.py confirms candidates with: of the copies,
+and of every distinct pair whose features pass the lowest threshold studied.
+
+pixels: how a pair's pixels are compared, chosen here. Every pair among the 1,797 demo digits (none is a copy of
+another) and among the 800 real photos, and the 20 re-encoded copies of the threshold study: the RMS difference over
+contrast of greyscale thumbnails at 8, 16 and 32 px, the mean absolute difference, and a 64-bit DCT perceptual hash.
 """
 import argparse
 import json
@@ -30,6 +35,7 @@ from common import header, write_json  # noqa: E402
 SHARED = ROOT.parent / "shared" / "data" / "dogs-vs-cats-sample"
 WIDTHS = {"xception": 2048, "inception_v3": 2048, "resnet50": 2048, "vgg16": 512}
 LIMIT = 60
+THRESHOLDS = (0.85, 0.9, 0.95, 0.98)
 
 
 def _photo_bytes() -> list[bytes]:
@@ -109,7 +115,7 @@ def speed(a) -> dict:
 def threshold_study(a) -> dict:
     from PIL import Image
 
-    from featstack.audit import embedding
+    from featstack.audit import PIXEL_DIFFERENCE, embedding, image_paths, pixel_difference, pixel_signature
     from featstack.extract import ExtractConfig, extract
     from featstack.features import load_features
     if not SHARED.is_dir():
@@ -144,6 +150,13 @@ def threshold_study(a) -> dict:
         for x, y in copy_pairs:
             distinct[x, y] = distinct[y, x] = False
         distinct_sims = sim[np.triu(distinct)]
+        # Pixels of the copies, and of each distinct pair similar enough to be a candidate at the lowest threshold.
+        path_of, _ = image_paths(fs)
+        signature = {i: pixel_signature(path_of[i]) for i in fs.ids}
+        copy_pixels = np.array([pixel_difference(signature[fs.ids[x]], signature[fs.ids[y]]) for x, y in copy_pairs])
+        xs, ys = np.nonzero(np.triu(distinct) & (sim >= min(THRESHOLDS)))
+        near_sims = sim[xs, ys]
+        near_pixels = np.array([pixel_difference(signature[fs.ids[x]], signature[fs.ids[y]]) for x, y in zip(xs, ys)])
         if a.sheet:
             from featstack.audit import run_audit
             from featstack.stack import run_stack
@@ -154,17 +167,99 @@ def threshold_study(a) -> dict:
             "copy_similarity": {"min": float(copy_sims.min()), "median": float(np.median(copy_sims))},
             "distinct_similarity": {"max": float(distinct_sims.max()),
                                     "p99.9": float(np.quantile(distinct_sims, 0.999))},
+            "copy_pixel_difference": {"max": float(copy_pixels.max()), "median": float(np.median(copy_pixels))},
+            "distinct_candidates_pixel_difference_min": float(near_pixels.min()) if len(near_pixels) else None,
+            "pixel_difference_limit": PIXEL_DIFFERENCE,
             "at_threshold": {str(t): {"copies_found": int((copy_sims >= t).sum()),
-                                      "distinct_pairs_above": int((distinct_sims >= t).sum())}
-                             for t in (0.9, 0.95, 0.98)}})
+                                      "distinct_pairs_above": int((distinct_sims >= t).sum()),
+                                      "copies_confirmed_by_pixels": int(((copy_sims >= t) &
+                                                                         (copy_pixels <= PIXEL_DIFFERENCE)).sum()),
+                                      "distinct_pairs_confirmed_by_pixels": int(((near_sims >= t) &
+                                                                                 (near_pixels <= PIXEL_DIFFERENCE)
+                                                                                 ).sum())}
+                             for t in THRESHOLDS}})
     print(json.dumps({k: results[k] for k in ("images", "copies", "copy_similarity", "distinct_similarity",
+                                              "copy_pixel_difference", "distinct_candidates_pixel_difference_min",
                                               "at_threshold")}, indent=2))
+    return results
+
+
+def _thumb(img, side: int) -> np.ndarray:
+    from PIL import Image
+    return np.asarray(img.convert("L").resize((side, side), Image.BOX), np.float32)
+
+
+def _relative_rms(x: np.ndarray) -> np.ndarray:
+    """Every pair's RMS difference over mean contrast (featstack.audit.pixel_difference), as an n x n matrix."""
+    flat, var = x.reshape(len(x), -1), x.reshape(len(x), -1).var(axis=1)
+    out = np.empty((len(x), len(x)), np.float32)
+    for i in range(len(x)):
+        out[i] = np.sqrt(((flat[i] - flat) ** 2).mean(axis=1)) / np.maximum(np.sqrt((var[i] + var) / 2), 1.0)
+    return out
+
+
+def _phash(img) -> np.ndarray:
+    from scipy.fft import dctn
+    d = dctn(_thumb(img, 32).astype(np.float64), norm="ortho")[:8, :8].ravel()[1:]
+    return d > np.median(d)
+
+
+def pixel_study(a) -> dict:
+    import io
+
+    from PIL import Image
+
+    from featstack.audit import PIXEL_DIFFERENCE, pixel_difference, pixel_signature
+    from featstack.decode import decode_rgb
+    from featstack.demo import write_demo
+    if not SHARED.is_dir():
+        sys.exit(f"{SHARED} is absent: the study needs the real photos")
+    results = {**header(), "limit": PIXEL_DIFFERENCE, "relative_rms": {}, "mean_abs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        demo = write_demo(Path(tmp) / "demo")
+        digits = [decode_rgb(p) for p in sorted(demo.glob("*/*.jpg"))]
+    photo_paths = sorted((SHARED / "train").glob("*.jpg")) + sorted((SHARED / "test1").glob("*.jpg"))
+    photos = [decode_rgb(p) for p in photo_paths]
+    copies = []
+    for k in range(1, a.copies + 1):  # as the threshold study makes them
+        img = Image.open(SHARED / "test1" / f"{k}.jpg")
+        scale, buf = 0.5 + 0.02 * k, io.BytesIO()
+        img.resize((int(img.width * scale), int(img.height * scale)), Image.BICUBIC).save(buf, "JPEG", quality=40 + k)
+        copies.append((Image.open(buf).convert("RGB"),
+                       photos[photo_paths.index(SHARED / "test1" / f"{k}.jpg")]))
+    upper = np.triu_indices(len(digits), 1)
+    upper_p = np.triu_indices(len(photos), 1)
+    for side in (8, 16, 32):
+        d = _relative_rms(np.stack([_thumb(im, side) for im in digits]))[upper]
+        p = np.sort(_relative_rms(np.stack([_thumb(im, side) for im in photos]))[upper_p])
+        c = [float(_relative_rms(np.stack([_thumb(x, side), _thumb(y, side)]))[0, 1]) for x, y in copies]
+        results["relative_rms"][f"{side}px"] = {"copies_max": max(c), "digits_distinct_min": float(d.min()),
+                                                "photos_closest_two": p[:2].tolist()}
+        dm = np.stack([_thumb(im, side) for im in digits]).reshape(len(digits), -1)
+        mad_digits = min(float(np.abs(dm[i] - dm[i + 1:]).mean(axis=1).min()) for i in range(len(dm) - 1))
+        results["mean_abs"][f"{side}px"] = {
+            "copies_max": max(float(np.abs(_thumb(x, side) - _thumb(y, side)).mean()) for x, y in copies),
+            "digits_distinct_min": mad_digits}
+    hd = np.stack([_phash(im) for im in digits])
+    ham = (hd[:, None, :] != hd[None, :, :]).sum(-1)[upper]
+    results["phash_bits"] = {"copies_max": int(max((_phash(x) != _phash(y)).sum() for x, y in copies)),
+                             "digits_distinct_min": int(ham.min())}
+    # The signature audit.py uses, through its own functions (16 px): every copy under the limit.
+    chosen = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (x, y) in enumerate(copies):
+            x.save(Path(tmp) / f"{k}.png")
+            y.save(Path(tmp) / f"{k}o.png")
+            chosen.append(pixel_difference(pixel_signature(str(Path(tmp) / f"{k}.png")),
+                                           pixel_signature(str(Path(tmp) / f"{k}o.png"))))
+    results["audit_pixel_difference_copies_max"] = max(chosen)
+    print(json.dumps({k: v for k, v in results.items() if k not in header()}, indent=2))
     return results
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", nargs="?", default="speed", choices=["speed", "threshold"])
+    p.add_argument("mode", nargs="?", default="speed", choices=["speed", "threshold", "pixels"])
     p.add_argument("--labelled", type=int, default=10222)
     p.add_argument("--test-rows", type=int, default=10357)
     p.add_argument("--classes", type=int, default=120)
@@ -179,7 +274,7 @@ def main():
                    help="speed: keep the store, photos and run here and reuse them (default: a temporary folder)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
-    results = speed(a) if a.mode == "speed" else threshold_study(a)
+    results = {"speed": speed, "threshold": threshold_study, "pixels": pixel_study}[a.mode](a)
     write_json(results, a.out or f"benchmarks/results/audit_{a.mode}.json")
 
 

@@ -28,12 +28,20 @@ from .paths import MODELS_DIR, AuditPaths, DatasetPaths, RunPaths
 # the real dogs-vs-cats photos (README, "Auditing the data"): re-encoded copies (0.5-0.9x size, JPEG quality 41-60)
 # scored >= 0.987, the closest pair of distinct photos <= 0.774 (resnet50 + vgg16); 0.95 sits between the two.
 SIMILARITY = 0.95
+# Feature similarity only ranks candidates: a pair is a duplicate when its pixels agree too. The RMS difference of
+# 16x16 greyscale thumbnails over their mean contrast (RMS of the pixel standard deviations), measured (README,
+# "Auditing the data"): re-encoded copies of real photos (0.52-0.90x size, JPEG quality 41-60) <= 0.047; the closest
+# pair of distinct demo digits 0.089, of distinct real photos 0.645. A perceptual hash (64-bit DCT) cannot tell the
+# digits apart: distinct digits differ in as few as 2 bits, copies in up to 2.
+PIXEL_SIDE = 16
+PIXEL_DIFFERENCE = 0.065
 CANDIDATES = 10  # nearest neighbours per image looked at for duplicates, and cleanlab's k for outliers
 PCA_DIMS = 256  # neighbour search runs in this many PCA dims; candidate pairs are then scored in the full space
 TOP = 20
 SPLIT_ORDER = {"train": 0, "holdout": 1, "test": 2}
 LABEL_COLUMNS = ["id", "split", "path", "given_label", "suggested_label", "label_quality"]
-DUPLICATE_COLUMNS = ["id_a", "id_b", "split_a", "split_b", "similarity", "exact", "path_a", "path_b"]
+DUPLICATE_COLUMNS = ["id_a", "id_b", "split_a", "split_b", "similarity", "pixel_difference", "exact", "path_a",
+                     "path_b"]
 OUTLIER_COLUMNS = ["id", "split", "label", "path", "ood_score"]
 
 
@@ -52,6 +60,8 @@ class Audit:
     notes: list[str]  # what could not be checked, and why
     threshold: float
     clock: Stopwatch
+    config: dict  # the run's config.json, for the commands audit.md suggests
+    stack_command: tuple[str, ...] = ("python", "stack.py")  # how the user runs stack.py: audit.md's commands
 
 
 class Stopwatch:
@@ -230,9 +240,31 @@ def file_hash_groups(ids: np.ndarray, paths: dict[str, str]) -> list[list[str]]:
     return [group for group in by_hash.values() if len(group) > 1]
 
 
+def pixel_signature(path: str) -> np.ndarray | None:
+    """The image as the extractor decodes it, greyscale, area-averaged to PIXEL_SIDE square; None if unreadable."""
+    from PIL import Image
+
+    from .decode import BadImage, decode_rgb
+    try:
+        img = decode_rgb(path)
+    except BadImage:
+        return None
+    return np.asarray(img.convert("L").resize((PIXEL_SIDE, PIXEL_SIDE), Image.BOX), np.float32)
+
+
+def pixel_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """RMS difference of two signatures over their mean contrast: 0 for the same picture, whatever its contrast."""
+    contrast = np.sqrt((a.var() + b.var()) / 2)
+    return float(np.sqrt(np.mean((a - b) ** 2)) / max(contrast, 1.0))
+
+
 def find_duplicates(fs: FeatureSet, unit: np.ndarray, neighbours: Neighbours | None, paths: dict[str, str],
-                    threshold: float = SIMILARITY) -> pd.DataFrame:
-    """Pairs of images with cosine similarity >= threshold, and byte-identical files, across and within splits."""
+                    threshold: float = SIMILARITY, notes: list[str] | None = None) -> pd.DataFrame:
+    """Duplicate pairs across and within splits: byte-identical files, and pairs whose features are similar
+    (cosine >= threshold) and whose pixels then confirm it (pixel_difference <= PIXEL_DIFFERENCE).
+
+    Candidates whose images cannot be read are not reported; ``notes`` says how many there were.
+    """
     n = len(fs.ids)
     pairs: set[tuple[int, int]] = set()
     if neighbours is not None:
@@ -256,14 +288,41 @@ def find_duplicates(fs: FeatureSet, unit: np.ndarray, neighbours: Neighbours | N
     is_exact = np.array([p in exact for p in zip(a.tolist(), b.tolist())])
     keep = (similarity >= threshold) | is_exact
     a, b, similarity, is_exact = a[keep], b[keep], similarity[keep], is_exact[keep]
+    difference = _pixel_differences(fs.ids, a, b, is_exact, paths)
+    unchecked = int(np.isnan(difference).sum())
+    if unchecked and notes is not None:
+        notes.append(f"{unchecked} pair{'s' if unchecked > 1 else ''} with similar features could not be checked by "
+                     "their pixels (image files missing or unreadable) and are not reported as duplicates")
+    keep = is_exact | (difference <= PIXEL_DIFFERENCE)
+    rejected = int((difference > PIXEL_DIFFERENCE).sum())
+    a, b, similarity, difference, is_exact = a[keep], b[keep], similarity[keep], difference[keep], is_exact[keep]
     # The earlier split first (train, holdout, test), so a leak reads train -> test.
     swap = np.array([SPLIT_ORDER.get(fs.split[x], 3) > SPLIT_ORDER.get(fs.split[y], 3) for x, y in zip(a, b)], bool)
     a, b = np.where(swap, b, a), np.where(swap, a, b)
     frame = pd.DataFrame({"id_a": fs.ids[a], "id_b": fs.ids[b], "split_a": fs.split[a], "split_b": fs.split[b],
-                          "similarity": np.round(similarity.astype(float), 6), "exact": is_exact,
+                          "similarity": np.round(similarity.astype(float), 6),
+                          "pixel_difference": np.round(difference, 4), "exact": is_exact,
                           "path_a": [paths.get(i, "") for i in fs.ids[a]],
                           "path_b": [paths.get(i, "") for i in fs.ids[b]]}, columns=DUPLICATE_COLUMNS)
-    return frame.sort_values(["exact", "similarity"], ascending=False, kind="stable").reset_index(drop=True)
+    frame = frame.sort_values(["exact", "similarity"], ascending=False, kind="stable").reset_index(drop=True)
+    frame.attrs["pixel_rejected"] = rejected  # candidates whose features were similar but whose pixels differ
+    return frame
+
+
+def _pixel_differences(ids: np.ndarray, a: np.ndarray, b: np.ndarray, is_exact: np.ndarray,
+                       paths: dict[str, str]) -> np.ndarray:
+    """pixel_difference of each candidate pair (0 for byte-identical files, NaN where an image cannot be read);
+    each image is decoded once, only the candidates' images."""
+    need = sorted({int(r) for r in np.concatenate([a[~is_exact], b[~is_exact]])})
+    listed = [r for r in need if paths.get(ids[r])]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        signature = dict(zip(listed, pool.map(lambda r: pixel_signature(paths[ids[r]]), listed)))
+    out = np.zeros(len(a))
+    for k, (x, y) in enumerate(zip(a.tolist(), b.tolist())):
+        if not is_exact[k]:
+            sx, sy = signature.get(x), signature.get(y)
+            out[k] = np.nan if sx is None or sy is None else pixel_difference(sx, sy)
+    return out
 
 
 def find_outliers(fs: FeatureSet, reduced: np.ndarray, neighbours: Neighbours | None,
@@ -334,23 +393,28 @@ def audit_run(run: str | Path | None = None, *, threshold: float = SIMILARITY,
     with clock("neighbours"):
         neighbours = Neighbours(reduced) if len(fs.ids) > 1 else None
     with clock("duplicates"):
-        duplicates = find_duplicates(fs, unit, neighbours, paths, threshold)
+        duplicates = find_duplicates(fs, unit, neighbours, paths, threshold, notes)
         del unit
     with clock("outliers"):
         outliers = find_outliers(fs, reduced, neighbours, paths)
     with clock("sizes"):
         sizes = header_sizes(fs.ids, paths) if paths else pd.DataFrame(columns=["id", "width", "height"])
         bad = len(read_bad_ids(DatasetPaths(fs.paths.root)))
-    return Audit(run_paths, fs, paths, label_issues, duplicates, outliers, sizes, bad, notes, threshold, clock)
+    return Audit(run_paths, fs, paths, label_issues, duplicates, outliers, sizes, bad, notes, threshold, clock,
+                 config)
 
 
 def run_audit(run: str | Path | None = None, *, top: int = TOP, threshold: float = SIMILARITY,
-              models_dir: str | Path = MODELS_DIR) -> Path:
+              models_dir: str | Path = MODELS_DIR, stack_command: tuple[str, ...] = ("python", "stack.py")) -> Path:
     """Audit a run and write ``<run>/audit/``; prints the counts and, last, the folder."""
     if top < 1:
         raise FeatstackError(f"--top {top}: must be at least 1")
     started = time.perf_counter()
     audit = audit_run(run, threshold=threshold, models_dir=models_dir)
+    audit.stack_command = stack_command
+    if audit.fs.random_weights:
+        print(f"warning: run {audit.run.run_id} was trained on features of RANDOM weights (untrained backbones): "
+              "duplicates are confirmed by their pixels, but label issues and outliers say little")
     for note in audit.notes:
         print(f"warning: {note}")
     with audit.clock("write"):
@@ -378,8 +442,9 @@ def summary_rows(audit: Audit) -> list[tuple[str, str, str]]:
     kinds_text = ", ".join(f"{v} {k}" for k, v in kinds.items()) or "none"
     rows = [("label issues", f"{int((li['split'] == 'train').sum())} train (out-of-fold), "
                              f"{int((li['split'] == 'holdout').sum())} holdout", "label_issues.csv"),
-            ("duplicates", f"{len(dup)} pairs ({kinds_text}), {int(dup['exact'].sum())} byte-identical",
-             "duplicates.csv"),
+            ("duplicates", f"{len(dup)} pairs ({kinds_text}), {int(dup['exact'].sum())} byte-identical"
+                           + (f"; {rejected} more with similar features but different pixels left out"
+                              if (rejected := dup.attrs.get("pixel_rejected", 0)) else ""), "duplicates.csv"),
             ("outliers", str(len(audit.outliers)), "outliers.csv"),
             ("bad images", str(audit.bad_images), "")]
     if len(audit.sizes):
@@ -513,10 +578,12 @@ def markdown(audit: Audit, top: int, files: AuditPaths) -> str:
     if files.label_issues_png.exists():
         lines += ["", "![label issues](label_issues.png)"]
     lines += ["", "## Duplicates and leakage", "",
-              f"Pairs with cosine similarity ≥ {audit.threshold} of centred, L2-normalised features, and "
-              "byte-identical files (`exact`). A train ↔ holdout pair makes the holdout score optimistic; a pair "
-              "that reaches into test inflates it.", ""]
-    lines += _table(dup, ["id_a", "id_b", "split_a", "split_b", "similarity", "exact"], top)
+              f"Byte-identical files (`exact`), and pairs whose features are similar (cosine similarity ≥ "
+              f"{audit.threshold} of centred, L2-normalised features) **and** whose pixels agree: the RMS difference "
+              f"of {PIXEL_SIDE}×{PIXEL_SIDE} greyscale thumbnails over their contrast (`pixel_difference`) ≤ "
+              f"{PIXEL_DIFFERENCE}, where re-encoded copies measured ≤ 0.047 and distinct images ≥ 0.089. A train ↔ "
+              "holdout pair makes the holdout score optimistic; a pair that reaches into test inflates it.", ""]
+    lines += _table(dup, ["id_a", "id_b", "split_a", "split_b", "similarity", "pixel_difference", "exact"], top)
     if files.duplicates_png.exists():
         lines += ["", "![duplicates](duplicates.png)"]
     lines += ["", "## Outliers", "",
@@ -537,11 +604,38 @@ def markdown(audit: Audit, top: int, files: AuditPaths) -> str:
                   f"{int(counts_per.max())} images per class.", "", "![class balance](class_balance.png)", ""]
     lines += [f"Bad images (could not be decoded at extraction, `bad_images.csv`): {audit.bad_images}.", "",
               "## Acting on it", "",
-              "Look at the contact sheets and the photos named in the CSV files. To retrain without training rows "
-              "you judge wrong, pass any CSV with an `id` column (edit `label_issues.csv` down to the rows you "
-              "confirm): `python stack.py --features FEATURES --exclude audit/label_issues.csv`. Holdout rows are "
-              "never excluded, so holdout scores stay comparable across runs.", ""]
+              "Look at the contact sheets and the photos named in the CSV files. To retrain without the training "
+              "rows you judge wrong, edit `label_issues.csv` down to the rows you confirm (any CSV with an `id` "
+              "column will do) and run, from the folder this audit ran in:", "",
+              "```bash", retrain_command(audit), "```", "",
+              "It trains the run's model on the same features without those rows. Holdout rows are never excluded, "
+              "so holdout scores stay comparable across runs.", ""]
     return "\n".join(lines)
+
+
+def shown_path(path: str | Path) -> str:
+    """A path as the user would type it where they are: relative below the current folder, else absolute."""
+    full = Path(path).resolve()
+    try:
+        return str(full.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(full)
+
+
+def retrain_command(audit: Audit) -> str:
+    """The run's own stack.py command with --exclude the audit's label_issues.csv, every path real and quoted."""
+    import shlex
+    c = audit.config
+    args = [*audit.stack_command, "--features", shown_path(c["features_dir"]),
+            "--backbones", ",".join(c["backbones"]), "--model", str(c["model"])]
+    if c.get("model") == "stack" and c.get("level2"):
+        args += ["--level2", str(c["level2"])]
+    args += ["--C", str(c.get("C", "1.0")), "--folds", str(c.get("folds", 5)), "--seed", str(c.get("seed", 0))]
+    if c.get("allow_missing"):
+        args.append("--allow-missing")
+    args += ["--models-dir", shown_path(audit.run.root.parent),
+             "--exclude", shown_path(AuditPaths(audit.run.audit_dir).label_issues_csv)]
+    return shlex.join(args)
 
 
 def _pyplot():
@@ -594,7 +688,7 @@ def _sheet(groups: list[tuple[str, list[tuple[str, str]]]], png: Path, per_row: 
 
 
 def label_sheet(issues: pd.DataFrame, png: Path) -> None:
-    groups = [(f"{_short(r['id'])} ({r['split']})\ngiven: {_short(r['given_label'], 26)}\n"
+    groups = [(f"{_short(r['id'])}\n{r['split']}, given: {_short(r['given_label'], 19)}\n"
                f"suggested: {_short(r['suggested_label'], 22)}\nlabel quality {r['label_quality']:.3f}",
                [(r["path"], "")]) for r in issues.to_dict("records") if r["path"]]
     if groups:
@@ -605,8 +699,9 @@ def duplicate_sheet(pairs: pd.DataFrame, png: Path) -> None:
     groups = []
     for k, r in enumerate(pairs.to_dict("records"), 1):
         if r["path_a"] and r["path_b"]:
-            how = "byte-identical" if r["exact"] else f"similarity {r['similarity']:.3f}"
-            groups.append((f"#{k}  {how}, {pair_kind(r['split_a'], r['split_b'])}",
+            how = ("byte-identical" if r["exact"] else
+                   f"similarity {r['similarity']:.3f}, pixel difference {r['pixel_difference']:.3f}")
+            groups.append((f"#{k}  {pair_kind(r['split_a'], r['split_b'])}\n{how}",
                            [(r["path_a"], f"{r['split_a']}: {_short(r['id_a'], 20)}"),
                             (r["path_b"], f"{r['split_b']}: {_short(r['id_b'], 20)}")]))
     if groups:
@@ -637,13 +732,13 @@ def plot_class_balance(fs: FeatureSet, png: Path) -> None:
                                                                                     fill_value=0)
     counts = counts.reindex([c for c in fs.classes if c in counts.index])  # the dataset's class order
     n = len(counts)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.14 * n + 2), 4.5))
+    # Constrained layout keeps the title and the legend (outside the axes, over no bar) inside the figure.
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.14 * n + 3), 4.5), layout="constrained")
     ax.bar(range(n), counts["train"], label="train", color="#4878a8")
     ax.bar(range(n), counts["holdout"], bottom=counts["train"], label="holdout", color="#e0a040")
     ax.set_xticks(range(n), counts.index, rotation=90, fontsize=max(4.0, min(10.0, 400 / max(n, 1))))
     ax.set_ylabel("images")
-    ax.legend()
-    ax.set_title(f"Class balance: {n} classes, {int((fs.split == 'test').sum())} unlabelled test images")
-    fig.tight_layout()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.suptitle(f"Class balance: {n} classes, {int((fs.split == 'test').sum())} unlabelled test images")
     fig.savefig(png, dpi=90)
     plt.close(fig)

@@ -136,6 +136,7 @@ class Backbone:
     preset: str | None = None  # a keras-hub preset (name or folder), as given after hub:
     hub_facts: hub.PresetFacts | None = field(default=None, repr=False)
     registers: int = 0  # register tokens of a hub ViT, left out of patch pooling
+    imagenet_files: tuple[str, ...] = ()  # every ImageNet file of the run, so a failed download names all missing
     model: object = field(default=None, repr=False)
 
     @property
@@ -215,11 +216,7 @@ class Backbone:
             try:
                 return constructor(weights="imagenet", **kwargs)
             except Exception as exc:
-                cause = str(exc).splitlines()[0][:200]
-                raise FeatstackError(
-                    f"ImageNet weights for {self.name} could not be had ({cause}). Put "
-                    f"{Path(self.weights_file).name} in {keras_cache_dir()} (Keras's cache) or in a folder passed "
-                    "with --weights DIR") from None
+                raise FeatstackError(self._imagenet_missing_message(exc)) from None
         try:
             return constructor(weights=self.weights_file, **kwargs)
         except Exception as exc:  # a truncated or damaged file fails inside h5py or Keras in many ways
@@ -228,6 +225,20 @@ class Backbone:
                 f"--weights {Path(self.weights_file).parent}: {Path(self.weights_file).name} cannot be loaded for "
                 f"{self.name} ({cause}); it is damaged or truncated: put an intact copy of Keras's file there"
             ) from None
+
+    def _imagenet_missing_message(self, exc: Exception) -> str:
+        """Every weight file the run lacks (not only this backbone's), where they go, and the two ways on."""
+        cause = (str(exc).splitlines() or [type(exc).__name__])[0]
+        cause = cause.rsplit(" -- ", 1)[-1][:160]  # Keras: "URL fetch failure on <url>: None -- [Errno -2] ..."
+        cache = keras_cache_dir()
+        missing = [f for f in dict.fromkeys((*self.imagenet_files, Path(self.weights_file).name))
+                   if not (cache / f).is_file()]
+        what = (f"{len(missing)} weight file{'s' if len(missing) > 1 else ''} missing from {cache} (Keras's cache): "
+                f"{', '.join(missing)}" if missing else
+                f"{Path(self.weights_file).name} in {cache} (Keras's cache) is damaged")
+        return (f"ImageNet weights for {self.name} cannot be downloaded ({cause}); {what}. Put "
+                f"{'them' if len(missing) > 1 else 'it'} there or in a folder you pass with --weights DIR, or run "
+                "with --weights random (seeded random weights: a trial run, scores far below ImageNet ones)")
 
     def _load_model_file(self):
         import keras
@@ -347,6 +358,9 @@ def resolve(names: list[str], *, weights: str = "imagenet", image_size: int | No
                      precision=precision, weights=weights, seed=seed, width=spec.width)
         _resolve_weights(b, spec.weights_file(size))
         out.append(b)
+    files = tuple(Path(b.weights_file).name for b in out if b.weights == "imagenet")
+    for b in out:
+        b.imagenet_files = files
     return out
 
 

@@ -28,6 +28,12 @@ def parse_command(parser, argv=None):
     return args
 
 
+def usage(*forms: str) -> str:
+    """argparse's ``usage``: one line per way to call a command, its required options bare, the rest as [options]
+    (argparse's own line brackets every option, required or not)."""
+    return "\n       ".join(f"%(prog)s {form}" for form in forms)
+
+
 def comma_list(text: str | None) -> list[str] | None:
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 

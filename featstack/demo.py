@@ -14,6 +14,11 @@ from .split import write_atomic
 CLASS_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEST_FRACTION = 1 / 6
 IMAGE_PX = 32
+# What `extract_features.py --demo` extracts unless told otherwise: three backbone families (residual, inception,
+# EfficientNet) at 75 px, the least InceptionV3 takes. Chosen by measurement (benchmarks/bench_demo.py, README "Quick
+# start"): the four default backbones at 96 px took 204 s on 2 quiet cores, VGG16 alone costing 4-5x EfficientNetB0.
+BACKBONES = ("resnet50", "inception_v3", "efficientnet_b0")
+BACKBONE_PX = 75
 
 
 def write_demo(folder: Path) -> Path:

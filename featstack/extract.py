@@ -14,7 +14,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import backbones as bb
-from .decode import decode_batch
+from .decode import decode_batch, empty
 from .errors import FeatstackError
 from .layouts import describe, read_layout
 from .paths import DEMO_DATA_DIR, DEMO_NAME, DatasetPaths
@@ -179,10 +179,11 @@ def extract(config: ExtractConfig) -> Summary:
     started = time.perf_counter()
     c = config
     if c.demo:
-        from .demo import write_demo
-        # digits are 8x8: 96 px keeps the demo a few minutes on 2 cores
-        c = replace(c, data=write_demo(Path(c.data) if c.data else DEMO_DATA_DIR), name=c.name or DEMO_NAME,
-                    image_size=c.image_size or 96)
+        from . import demo as demo_competition
+        # light backbones at a small size: the quick start stays quick
+        c = replace(c, data=demo_competition.write_demo(Path(c.data) if c.data else DEMO_DATA_DIR),
+                    name=c.name or DEMO_NAME, backbones=c.backbones or list(demo_competition.BACKBONES),
+                    image_size=c.image_size or demo_competition.BACKBONE_PX)
     data = c.data
     if data is None:
         raise FeatstackError("--data: name the dataset folder (or use --demo)")
@@ -207,12 +208,10 @@ def extract(config: ExtractConfig) -> Summary:
         jobs = plan_jobs(paths, resolved, ids, c.shard_rows)
         known_bad = still_bad(paths, jobs, table)
         if c.demo and c.weights == "imagenet":
-            jobs = _demo_weights_or_random(jobs, paths, resolved, ids, c)
+            jobs = _demo_weights_or_random(jobs, paths, resolved, ids, c, batch_size)
             known_bad = still_bad(paths, jobs, table)
         if c.engine == "local":
-            for job in jobs:
-                if job.todo:
-                    job.backbone.build()  # the Ray engine builds on its actors instead
+            build_models(jobs, batch_size)  # the Ray engine builds on its actors instead
         split.write(paths)
         active = [j for j in jobs if j.todo]
         for job in active:
@@ -243,12 +242,10 @@ def extract(config: ExtractConfig) -> Summary:
     return summary
 
 
-def _demo_weights_or_random(jobs, paths, resolved, ids, config: ExtractConfig):
+def _demo_weights_or_random(jobs, paths, resolved, ids, config: ExtractConfig, batch_size: int):
     """The demo may not stop for want of ImageNet weights: it says so loudly and records seeded random weights."""
     try:
-        for job in jobs:
-            if job.todo:
-                job.backbone.build()
+        build_models(jobs, batch_size)
         return jobs
     except FeatstackError as exc:
         bar = "!" * 78
@@ -257,6 +254,26 @@ def _demo_weights_or_random(jobs, paths, resolved, ids, config: ExtractConfig):
               f"Reason: {exc}\n{bar}")
         randoms = config.resolve_backbones([b.model_path or b.name for b in resolved], weights="random")
         return plan_jobs(paths, randoms, ids, config.shard_rows)
+
+
+def build_models(jobs: list[Job], batch_rows: int) -> None:
+    """Build each needed model once and compile its forward pass, one line each.
+
+    Building (and downloading weights) and the first forward pass of each model (tracing, graph optimisation) take
+    seconds to tens of seconds on a small machine: said model by model here, not hidden in the first batch.
+    """
+    for job in jobs:
+        b = job.backbone
+        if job.todo and b.model is None:
+            started = time.perf_counter()
+            print(f"model {b.name} ({b.input_size} px, {b.weights} weights): building and compiling ...", end=" ",
+                  flush=True)
+            try:
+                b.build()
+                b.batch_rows = batch_rows  # the one shape every batch will have: compiled once, here
+                b.features(np.zeros((1, *empty(b.input_key).shape[1:]), empty(b.input_key).dtype))
+            finally:
+                print(f"{time.perf_counter() - started:.1f} s" if b.model is not None else "failed", flush=True)
 
 
 def print_summary(summary: Summary) -> None:

@@ -122,8 +122,9 @@ def submit_file(competition: str, path: Path, message: str) -> None:
     # The tool has been known to print an HTTP error yet exit 0, so its words count as much as its exit code.
     failed = proc.returncode != 0 or any(s in output for s in ("403", "404", "401", "error", "Error"))
     if failed:
-        last = output.splitlines()[-1] if output else f"exit code {proc.returncode}"
+        lines = output.splitlines() or [f"exit code {proc.returncode}"]
         hint = next((h for keys, h in HINTS if any(k in output for k in keys)), "see the kaggle tool's message above")
-        print(output, file=sys.stderr)
-        raise FeatstackError(f"kaggle competitions submit failed: {last} — {hint}")
+        if lines[:-1]:
+            print("\n".join(lines[:-1]), file=sys.stderr)  # its last line is in the error, said once
+        raise FeatstackError(f"kaggle competitions submit failed: {lines[-1]} — {hint}")
     print(output)

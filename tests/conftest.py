@@ -12,6 +12,53 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
+SESSION_MARK = "FEATSTACK_TEST_SESSION"  # inherited by xdist workers and the loky workers they start
+
+
+# An interrupted run must leave no worker processes behind. joblib's loky workers (scikit-learn, cleanlab) outlive a
+# pytest-xdist worker that is torn down hard when the run is interrupted: they idle for minutes, orphaned. So the
+# process that runs the session (the xdist controller, or the single process with -n 0) marks its environment, turns
+# SIGTERM into an interrupt, and at the end, interrupted or not, ends the loky processes carrying its mark.
+def pytest_configure(config):
+    if hasattr(config, "workerinput"):
+        return  # an xdist worker: the controller marked the environment it inherited
+    import signal
+    import uuid
+    os.environ[SESSION_MARK] = uuid.uuid4().hex
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_unconfigure(config):
+    executor = sys.modules.get("joblib.externals.loky.reusable_executor")
+    if executor is not None and getattr(executor, "_executor", None) is not None:
+        executor._executor.shutdown(wait=False, kill_workers=True)  # this process's own loky workers
+    if not hasattr(config, "workerinput"):
+        end_marked_processes(os.environ.get(SESSION_MARK), "loky")
+
+
+def end_marked_processes(mark: str | None, name: str) -> list[int]:
+    """End the processes whose command line holds ``name`` and whose environment holds this session's mark."""
+    import psutil
+    if not mark:
+        return []
+    ours = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != os.getpid() and name in " ".join(proc.info["cmdline"] or ()) and \
+                    proc.environ().get(SESSION_MARK) == mark:
+                proc.terminate()
+                ours.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    _, alive = psutil.wait_procs(ours, timeout=5)
+    for proc in alive:
+        proc.kill()
+    return [p.pid for p in ours]
 
 
 def photo(seed: int, size=(120, 90)) -> Image.Image:

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from featstack.audit import SIMILARITY, header_sizes, run_audit
+from featstack.audit import PIXEL_DIFFERENCE, SIMILARITY, header_sizes, run_audit
 from featstack.commands import audit as audit_command
+from featstack.commands import stack as stack_command
 from featstack.errors import FeatstackError
 from featstack.paths import AuditPaths, RunPaths
 from featstack.stack import run_stack
@@ -162,6 +163,7 @@ def test_reencoded_test_photo_in_train_is_found_as_leak(leaky):
     assert set(found) == {("train/dog.1000.jpg", "test/3.jpg"), ("train/cat.1000.jpg", "test/5.jpg")}
     similarity, exact = found[("train/dog.1000.jpg", "test/3.jpg")]
     assert similarity >= SIMILARITY and not exact  # found by the features, not by the file hash
+    assert pairs.pixel_difference[~pairs.exact].max() <= PIXEL_DIFFERENCE  # and confirmed by the pixels
     assert found[("train/cat.1000.jpg", "test/5.jpg")][1]  # byte-identical
     assert set(pairs.split_a) == {"train"} and set(pairs.split_b) == {"test"}
     md = (folder / "audit.md").read_text()
@@ -202,6 +204,48 @@ def test_demo_run_audit_from_the_command_line(demo, tmp_path, capsys):
     audit_command.main(["--run", str(folder.parent), "--top", "1"])
     assert not (folder / "stale.txt").exists() and (folder / "audit.md").is_file()
     assert sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(".")) == []
+
+
+def test_demo_audit_calls_no_distinct_digits_duplicates(demo, tmp_path, capsys):
+    # At a looser --threshold the demo's features do put distinct digits side by side (the issue's "leaks"): the
+    # pixels must turn every such candidate down, and the console must say the weights were random.
+    import hashlib
+
+    from sklearn.datasets import load_digits
+    models = tmp_path / "models"
+    shutil.copytree(demo["run"], models / demo["run"].name)
+    folder = run_audit(models / demo["run"].name, threshold=0.9)
+    out = capsys.readouterr().out
+    assert re.search(r"^warning: run \S+ was trained on features of RANDOM weights", out, re.MULTILINE)
+    rejected = re.search(r"^duplicates: .*; (\d+) more with similar features but different pixels left out$", out,
+                         re.MULTILINE)
+    assert rejected and int(rejected.group(1)) > 0, out  # there were candidates to turn down
+    digits = load_digits()
+    source = {hashlib.md5(f"digits-{i}".encode()).hexdigest(): image for i, image in enumerate(digits.images)}
+    pairs = pd.read_csv(AuditPaths(folder).duplicates_csv, dtype={"id_a": str, "id_b": str})
+    distinct = [(a, b) for a, b in zip(pairs.id_a, pairs.id_b) if not np.array_equal(source[a], source[b])]
+    assert distinct == []
+
+
+def test_audit_md_retrain_command_runs_as_written(flipped, tmp_path, monkeypatch, capsys):
+    # Copied from audit.md and run in the folder the audit ran in: real paths, no placeholder, and it retrains.
+    import shlex
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(flipped["run"], tmp_path / "models" / flipped["run"].name)
+    audit_command.main(["--run", f"models/{flipped['run'].name}"])
+    md = (tmp_path / "models" / flipped["run"].name / "audit" / "audit.md").read_text()
+    (command,) = re.findall(r"```bash\n(.+)\n```", md)
+    args = shlex.split(command)
+    assert args[:2] == ["python", "stack.py"] and "FEATURES" not in command
+    exclude = args[args.index("--exclude") + 1]
+    assert exclude == f"models/{flipped['run'].name}/audit/label_issues.csv"
+    issues = pd.read_csv(exclude, dtype=str)
+    issues[issues.split == "train"].head(2).to_csv(exclude, index=False)  # the user keeps the rows they confirm
+    capsys.readouterr()
+    stack_command.main(args[2:])
+    assert f"--exclude {exclude}: 2 training rows left out" in capsys.readouterr().out
+    runs = sorted(p.parent.name for p in (tmp_path / "models").glob("*/config.json"))
+    assert len(runs) == 2  # the new run beside the audited one, under the same models folder
 
 
 @pytest.mark.parametrize("args, match", [

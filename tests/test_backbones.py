@@ -70,17 +70,34 @@ def test_weights_dir_without_the_file_names_it(tmp_path):
         bb.resolve(["resnet50"], weights=str(tmp_path))
 
 
-def test_imagenet_unavailable_names_file_and_places(monkeypatch):
+def test_imagenet_unavailable_names_every_missing_file_folder_and_ways_on(monkeypatch, dog_breed, tmp_path, capsys):
+    # Offline, default weights and backbones: the one line names each missing file with the folder, not only the
+    # first backbone's, leaves out the file already there, and offers --weights DIR and --weights random.
+    import os
+
     import keras
+
+    from featstack.commands import extract as extract_command
 
     def offline(*a, **k):
         raise Exception("URL fetch failure: [Errno -2] Name or service not known")
     monkeypatch.setattr(keras.src.utils.file_utils, "urlretrieve", offline)
-    b = bb.resolve(["vgg16"], weights="imagenet", image_size=SIZE)[0]
-    with pytest.raises(FeatstackError,
-                       match=r"vgg16_weights_tf_dim_ordering_tf_kernels_notop\.h5 in .*keras_home/models "
-                             r"\(Keras's cache\) or in a folder passed with --weights DIR"):
-        b.build()
+    cache = bb.keras_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    present = bb.REGISTRY["resnet50"].weights_file(224)
+    (cache / present).write_bytes(b"already downloaded")
+    try:
+        with pytest.raises(SystemExit) as exited:
+            extract_command.main(["--data", str(dog_breed), "--features-dir", str(tmp_path / "features")])
+    finally:
+        os.remove(cache / present)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    missing = [bb.REGISTRY[n].weights_file(bb.REGISTRY[n].input_size) for n in bb.DEFAULT_BACKBONES if n != "resnet50"]
+    assert f"3 weight files missing from {cache} (Keras's cache): {', '.join(missing)}." in err
+    assert present not in err
+    assert "--weights DIR" in err and "--weights random" in err and "Name or service not known" in err
 
 
 def keras_reference(name, weights_file, paths, size):

@@ -1,5 +1,6 @@
 """End to end extraction: every image once, cached, incremental, resumable after kill -9, one writer, bad input kept."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -193,3 +194,14 @@ def test_bf16_features_stay_close_to_float32(tmp_path, cats_dogs):
     assert b.features.dtype == np.float32 and list(a.ids) == list(b.ids)
     rel = np.linalg.norm(b.features - a.features) / np.linalg.norm(a.features)
     assert 0 < rel <= 1e-2, rel
+
+
+def test_each_model_is_built_and_compiled_in_a_line_of_its_own(tmp_path, cats_dogs, capsys):
+    # No silent stretch: building a model and its first forward pass (tracing) are said model by model.
+    extract(cats_dogs, backbones=["vgg16", "resnet50"], weights="random", image_size=32,
+            features_dir=tmp_path / "features", progress=False)
+    out = capsys.readouterr().out
+    lines = [l for l in out.splitlines() if l.startswith("model ")]
+    assert [re.fullmatch(r"model (\S+) \(32 px, random weights\): building and compiling \.\.\. \d+\.\d s", l)
+            .group(1) for l in lines] == ["vgg16", "resnet50"]
+    assert out.index(lines[-1]) < out.index("backbone ")  # before the summary table

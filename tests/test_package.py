@@ -121,13 +121,43 @@ def test_help_marks_required_options_ends_with_examples_and_agrees_with_readme(c
     with pytest.raises(SystemExit) as exited:
         importlib.import_module(COMMANDS[command]).main(["--help"], prog=f"featstack {command}")
     assert exited.value.code == 0
-    options_part, examples_part = capsys.readouterr().out.split("\nexamples:\n")
+    out = capsys.readouterr().out
+    options_part, examples_part = out.split("\nexamples:\n")
     examples = [line for line in examples_part.splitlines() if line.startswith(f"  featstack {command}")]
     assert 2 <= len(examples) <= 3
     if command in REQUIRED:
         option, mark = REQUIRED[command]
         assert re.search(rf"^  {option} \S+\s+{mark}", options_part, re.MULTILINE)
+        # The usage line shows it as required: bare on the first form, not in brackets.
+        assert re.match(rf"usage: featstack {command} {option} [A-Z]+ \[options\]\n", out), out.splitlines()[0]
     readme = (ROOT / "README.md").read_text()
     options = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", options_part)) - {"--help"}
     undocumented = sorted(o for o in options if not re.search(rf"`[^`\n]*{o}(?![\w-])", readme))
     assert not undocumented, f"featstack {command}: options missing from README.md: {undocumented}"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["help"], ["-h"]])
+def test_featstack_help_lists_every_command_with_its_purpose_and_examples(argv, capsys):
+    from featstack.__main__ import main
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    commands_part = out.split("\ncommands:\n")[1].split("\n\n")[0]
+    for name, module in COMMANDS.items():
+        first_words = " ".join(importlib.import_module(module).DESCRIPTION.split()[:4])
+        assert re.search(rf"^  {name} +{re.escape(first_words)}", commands_part, re.MULTILINE), name
+    examples = [line.split("#")[0].split() for line in out.split("\nexamples:\n")[1].splitlines()]
+    assert {e[1] for e in examples if e[:1] == ["featstack"]} >= {"extract", "stack", "submit", "predict", "help"}
+
+
+def test_featstack_help_command_is_the_command_help_and_unknown_names_the_list(capsys):
+    from featstack.__main__ import main
+    with pytest.raises(SystemExit) as exited:
+        main(["help", "stack"])
+    assert exited.value.code == 0 and capsys.readouterr().out.startswith("usage: featstack stack --features")
+    with pytest.raises(SystemExit) as exited:
+        main(["hlep"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err.strip() == ("featstack: unknown command 'hlep'; choose one of "
+                                               f"{', '.join(COMMANDS)} (featstack --help lists them)")

@@ -140,6 +140,11 @@ mode = os.environ.get("FAKE_KAGGLE_MODE", "ok")
 if mode == "403":
     print("403 - Forbidden - You must accept this competition's rules before you'll be able to submit.")
     sys.exit(1)
+if mode == "offline":
+    print("Warning: Looks like you're using an outdated API Version")
+    print("ConnectionError: HTTPSConnectionPool(host='www.kaggle.com', port=443): Max retries exceeded "
+          "(Caused by NameResolutionError: Failed to resolve 'www.kaggle.com')")
+    sys.exit(1)
 print("Successfully submitted to Dog Breed Identification")
 """)
     script.chmod(0o755)
@@ -201,6 +206,18 @@ def test_failing_tool_shows_message_and_hint(tmp_path, fake_kaggle, monkeypatch)
     with pytest.raises(FeatstackError, match=r"403 - Forbidden.* — accept the competition's rules"):
         submit(run, competition="dog-breed-identification", message="m", submissions_dir=tmp_path / "subs")
     assert pd.read_csv(tmp_path / "subs" / "log.csv").iloc[-1].status == "submit failed"
+
+
+def test_network_error_is_said_once(tmp_path, fake_kaggle, monkeypatch, capsys):
+    monkeypatch.setenv("KAGGLE_API_TOKEN", "tok")
+    monkeypatch.setenv("FAKE_KAGGLE_MODE", "offline")
+    run = make_run(tmp_path / "run", ["1"], ["cat", "dog"], "cats-dogs")
+    with pytest.raises(FeatstackError, match=r"submit failed: ConnectionError: .* — no connection to kaggle.com"
+                       ) as err:
+        submit(run, competition="dog-breed-identification", message="m", submissions_dir=tmp_path / "subs")
+    shown = capsys.readouterr().err + str(err.value)
+    assert shown.count("Max retries exceeded") == 1, shown  # not raw, then again wrapped
+    assert "outdated API Version" in shown  # the tool's earlier lines are still shown
 
 
 def test_demo_submission_matches_its_sample(demo, tmp_path):

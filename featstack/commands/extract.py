@@ -3,7 +3,7 @@ extract and cache pooled features of frozen ImageNet backbones for every image o
 """
 import argparse
 
-from ..cli import batch_size_arg, comma_list, parse_command, run_main
+from ..cli import batch_size_arg, comma_list, parse_command, run_main, usage
 from ..paths import FEATURES_DIR
 
 DESCRIPTION = 'Extract and cache pooled features of frozen ImageNet backbones for every image of a dataset.'
@@ -16,7 +16,8 @@ EXAMPLES = """examples:
 
 
 def parse_args(argv=None, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EXAMPLES,
+    p = argparse.ArgumentParser(prog=prog, usage=usage("--data DATA [options]", "--demo [options]"),
+                                description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", help="required unless --demo: the dataset folder (or manifest CSV)")
     p.add_argument("--layout", default="auto",
@@ -47,7 +48,8 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--shard-rows", type=int, default=1024,
                    help="rows per on-disk shard: the most a killed run loses (default 1024)")
     p.add_argument("--demo", action="store_true",
-                   help="write the embedded digits competition to data/demo and extract it")
+                   help="write the embedded digits competition to data/demo and extract it (resnet50, inception_v3 "
+                        "and efficientnet_b0 at 75 px unless --backbones or --image-size say otherwise)")
     p.add_argument("--summary-json", default=None, help="also write the end-of-run summary to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parse_command(p, argv)

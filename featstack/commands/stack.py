@@ -3,7 +3,7 @@ train logistic / LightGBM / stacked models on cached features and write an hones
 """
 import argparse
 
-from ..cli import comma_list, parse_command, run_main
+from ..cli import comma_list, parse_command, run_main, usage
 from ..paths import MODELS_DIR
 
 DESCRIPTION = 'Train logistic / LightGBM / stacked models on cached features and write an honest holdout report.'
@@ -15,7 +15,9 @@ EXAMPLES = """examples:
 
 
 def main(argv=None, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION, epilog=EXAMPLES,
+    p = argparse.ArgumentParser(prog=prog, usage=usage("--features FEATURES [options]",
+                                                       "--list [--features FEATURES] [--models-dir MODELS_DIR]"),
+                                description=DESCRIPTION, epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features", help="required unless --list: a dataset folder under features/, e.g. features/demo")
     p.add_argument("--backbones", default=None, help="comma-separated backbones (default: every cached one)")
