@@ -73,6 +73,8 @@ def identity_of(attrs: dict) -> dict:
     """The identity (see Backbone.identity) a feature file's recorded attributes describe."""
     ident = {k: attrs.get(k) for k in ("backbone", "input_size", "preprocess", "pooling", "tta", "precision",
                                         "weights")}
+    if attrs.get("preset"):
+        ident["resize"] = attrs.get("resize")
     if attrs.get("weights") == "random":
         ident["weights_seed"] = attrs.get("weights_seed")
         ident["keras_backend"] = attrs.get("keras_backend")
