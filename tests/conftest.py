@@ -195,18 +195,30 @@ def _isolated_keras_home(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    """The embedded demo competition, extracted small and fast, and one stacked run on it (shared by the session)."""
+def demo(tmp_path_factory, worker_id):
+    """The embedded demo competition, extracted small and fast, and one stacked run on it: built once per test run
+    and shared by every pytest-xdist worker (the first to need it builds it under a lock, the others wait)."""
+    from filelock import FileLock
+
     from featstack.extract import ExtractConfig, extract
     from featstack.stack import run_stack
 
-    base = tmp_path_factory.mktemp("demo")
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # the run's folder above the workers' own
+    base = root / "demo"
     os.environ["KERAS_HOME"] = str(base / "keras_home")
-    summary = extract(ExtractConfig(base / "data", demo=True, backbones=["resnet50", "vgg16"], weights="random",
-                                    image_size=32, features_dir=base / "features", batch_size=64, progress=False))
-    run = run_stack(summary.paths.root, model="stack", models_dir=base / "models")
-    return {"base": base, "data": base / "data", "features": summary.paths.root, "run": run,
-            "models": base / "models", "summary": summary}
+    with FileLock(str(root / "demo.lock")):
+        done = base / "run.txt"
+        if not done.is_file():
+            summary = extract(ExtractConfig(base / "data", demo=True, backbones=["resnet50", "vgg16"],
+                                            weights="random", image_size=32, features_dir=base / "features",
+                                            batch_size=64, progress=False))
+            run = run_stack(summary.paths.root, model="stack", models_dir=base / "models")
+            done.write_text(str(run))
+    run = Path(done.read_text())
+    return {"base": base, "data": base / "data", "features": base / "features" / "demo", "run": run,
+            "models": base / "models"}
 
 
 STANFORD_BREEDS = ["n02085620-Chihuahua", "n02085782-Japanese_spaniel", "n02088364-beagle"]

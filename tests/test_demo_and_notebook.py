@@ -16,6 +16,7 @@ from sklearn.metrics import accuracy_score, log_loss
 
 from featstack.demo import CLASS_NAMES
 from featstack.stack import run_stack
+from featstack.store import read_attrs
 from featstack.synthetic import write_synthetic_store
 
 from conftest import ROOT
@@ -28,8 +29,9 @@ def test_demo_competition_layout(demo):
     assert len(labels) + len(sample) == 1797 and labels.breed.nunique() == 10
     assert list(sample.columns[1:]) == sorted(labels.breed.unique())
     assert len(list((data / "test").glob("*.jpg"))) == len(sample)
-    attrs = demo["summary"].jobs[0].backbone.attrs()
-    assert attrs["weights"] == "random"  # recorded, so reports and predictions know
+    entries = sorted(demo["features"].glob("*.h5"))
+    assert len(entries) == 2 and all(read_attrs(e)["weights"] == "random" for e in entries)  # recorded, so reports
+    # and predictions know
 
 
 def test_demo_stack_run_matches_sklearn(demo):
