@@ -15,6 +15,7 @@ from PIL import Image
 from sklearn.metrics import accuracy_score, log_loss
 
 from featstack.demo import CLASS_NAMES
+from featstack.layouts import class_order
 from featstack.stack import run_stack
 from featstack.store import read_attrs
 from featstack.synthetic import write_synthetic_store
@@ -27,7 +28,7 @@ def test_demo_competition_layout(demo):
     labels = pd.read_csv(data / "labels.csv", dtype=str)
     sample = pd.read_csv(data / "sample_submission.csv", dtype={"id": str})
     assert len(labels) + len(sample) == 1797 and labels.breed.nunique() == 10
-    assert list(sample.columns[1:]) == sorted(labels.breed.unique())
+    assert list(sample.columns[1:]) == class_order(labels.breed.unique())  # zero, one, ... nine
     assert len(list((data / "test").glob("*.jpg"))) == len(sample)
     entries = sorted(demo["features"].glob("*.h5"))
     assert len(entries) == 2 and all(read_attrs(e)["weights"] == "random" for e in entries)  # recorded, so reports
@@ -77,7 +78,7 @@ def test_demo_extracts_the_measured_light_backbones_unless_told(tmp_path, monkey
     from featstack import backbones as bb
     from featstack import demo as demo_competition
     from featstack.errors import FeatstackError
-    from featstack.extract import extract
+    from featstack.extract import ExtractConfig, extract
     asked = []
 
     def resolve(names, **kwargs):
@@ -86,7 +87,7 @@ def test_demo_extracts_the_measured_light_backbones_unless_told(tmp_path, monkey
     monkeypatch.setattr(bb, "resolve", resolve)
     for backbones, size in ((None, None), (["vgg16"], 48)):
         with pytest.raises(FeatstackError, match="stop here"):
-            extract(tmp_path / "data", demo=True, backbones=backbones, image_size=size,
-                    features_dir=tmp_path / "features", progress=False)
+            extract(ExtractConfig(tmp_path / "data", demo=True, backbones=backbones, image_size=size,
+                                  features_dir=tmp_path / "features", progress=False))
     assert asked == [(["resnet50", "inception_v3", "efficientnet_b0"], 75), (["vgg16"], 48)]
     assert demo_competition.BACKBONES == ("resnet50", "inception_v3", "efficientnet_b0")
