@@ -205,13 +205,14 @@ def test_list_shows_what_makes_runs_comparable(tmp_path, store, capsys):
     (tmp_path / "bad.csv").write_text("id\n" + "\n".join(ids) + "\n")
     run_stack(store.root, models_dir=tmp_path, run_id="excl", C="auto", exclude=tmp_path / "bad.csv")
     config = RunPaths(tmp_path / "plain").config_json
-    # the trust branch records the labels' digest in config.json; shown when present
+    # every run records the labels' digest in config.json (trained_on); --list shows its first 8 hex digits
     config.write_text(json.dumps({**json.loads(config.read_text()),
                                   "trained_on": {"rows": 140, "labels_sha256": "abcdef0123456789"}}))
     table = list_runs(tmp_path, store.root).set_index("id")
     assert table.loc["plain", "train_rows"] - 5 == table.loc["excl", "train_rows"]
     assert table.loc["plain", "exclude"] == "-" and table.loc["excl", "exclude"] == "bad.csv (5)"
     assert table.loc["plain", "C"] == "1" and table.loc["excl", "C"].startswith("auto:")
-    assert table.loc["plain", "labels"] == "abcdef01" and table.loc["excl", "labels"] == "-"
+    excl = json.loads(RunPaths(tmp_path / "excl").config_json.read_text())["trained_on"]["labels_sha256"]
+    assert table.loc["plain", "labels"] == "abcdef01" and table.loc["excl", "labels"] == excl[:8]
     assert table.loc["plain", "cv_estimate"] == "nested" and table.loc["excl", "cv_estimate"] == "optimistic"
     assert "not comparable" in capsys.readouterr().out
