@@ -198,8 +198,8 @@ def test_bf16_features_stay_close_to_float32(tmp_path, cats_dogs):
 
 def test_each_model_is_built_and_compiled_in_a_line_of_its_own(tmp_path, cats_dogs, capsys):
     # No silent stretch: building a model and its first forward pass (tracing) are said model by model.
-    extract(cats_dogs, backbones=["vgg16", "resnet50"], weights="random", image_size=32,
-            features_dir=tmp_path / "features", progress=False)
+    extract(ExtractConfig(cats_dogs, backbones=["vgg16", "resnet50"], weights="random", image_size=32,
+            features_dir=tmp_path / "features", progress=False))
     out = capsys.readouterr().out
     lines = [l for l in out.splitlines() if l.startswith("model ")]
     assert [re.fullmatch(r"model (\S+) \(32 px, random weights\): building and compiling \.\.\. \d+\.\d s", l)

@@ -8,7 +8,7 @@ from PIL import Image
 
 from featstack.commands import audit as audit_command
 from featstack.errors import FeatstackError
-from featstack.extract import extract
+from featstack.extract import ExtractConfig, extract
 from featstack.paths import AuditPaths, RunPaths
 from featstack.stack import run_stack
 
@@ -26,7 +26,7 @@ def _labels(data) -> pd.DataFrame:
 
 
 def test_corrected_labels_are_followed_and_class_lists_with_them(tmp_path, dog_breed, capsys):
-    first = extract(dog_breed, features_dir=tmp_path, **RUN)
+    first = extract(ExtractConfig(dog_breed, features_dir=tmp_path, **RUN))
     before = _split(first)
     labels = _labels(dog_breed)
     whippets = labels.index[labels.breed == "whippet"]
@@ -34,7 +34,7 @@ def test_corrected_labels_are_followed_and_class_lists_with_them(tmp_path, dog_b
     labels.at[1, "breed"] = "corgi"  # and one appears
     labels.to_csv(dog_breed / "labels.csv", index=False)
     capsys.readouterr()
-    again = extract(dog_breed, features_dir=tmp_path, **RUN)
+    again = extract(ExtractConfig(dog_breed, features_dir=tmp_path, **RUN))
     out = capsys.readouterr().out
     first_changed = labels.id[min(whippets[0], 1)]
     old = dict(zip(before.id, before.label))
@@ -48,11 +48,11 @@ def test_corrected_labels_are_followed_and_class_lists_with_them(tmp_path, dog_b
 
 
 def test_removed_photos_leave_the_split_and_the_next_run(tmp_path, cats_dogs, capsys):
-    extract(cats_dogs, features_dir=tmp_path / "f", **RUN)
+    extract(ExtractConfig(cats_dogs, features_dir=tmp_path / "f", **RUN))
     for rel in ("train/cat.3.jpg", "train/dog.4.jpg", "test1/2.jpg"):
         (cats_dogs / rel).unlink()
     capsys.readouterr()
-    again = extract(cats_dogs, features_dir=tmp_path / "f", **RUN)
+    again = extract(ExtractConfig(cats_dogs, features_dir=tmp_path / "f", **RUN))
     assert "3 images gone since the last run (first: cat.3)" in capsys.readouterr().out
     split = _split(again)
     assert not {"cat.3", "dog.4", "2"} & set(split.id) and len(split) == 13
@@ -66,7 +66,7 @@ def test_removed_photos_leave_the_split_and_the_next_run(tmp_path, cats_dogs, ca
 
 
 def test_another_folder_under_the_same_name_is_refused(tmp_path, cats_dogs):
-    first = extract(cats_dogs, features_dir=tmp_path / "f", **RUN)
+    first = extract(ExtractConfig(cats_dogs, features_dir=tmp_path / "f", **RUN))
     before = first.paths.split_csv.read_bytes()
     other = tmp_path / "elsewhere" / cats_dogs.name  # same folder name: same default --name
     write_images(other / "train", [f"{c}.{n}.jpg" for c in ("cat", "dog") for n in range(20, 26)], start_seed=300)
@@ -74,21 +74,21 @@ def test_another_folder_under_the_same_name_is_refused(tmp_path, cats_dogs):
     with pytest.raises(FeatstackError, match=rf"^--name catsdogs: {first.paths.root} holds the features of "
                                              rf"{cats_dogs.resolve()}, not of {other.resolve()}; pass another --name "
                                              rf"for this folder, or delete {first.paths.root} to rebuild"):
-        extract(other, features_dir=tmp_path / "f", **RUN)
+        extract(ExtractConfig(other, features_dir=tmp_path / "f", **RUN))
     assert first.paths.split_csv.read_bytes() == before
-    mine = extract(other, features_dir=tmp_path / "f", name="elsewhere", **RUN)
+    mine = extract(ExtractConfig(other, features_dir=tmp_path / "f", name="elsewhere", **RUN))
     assert set(_split(mine).id) == {f"{c}.{n}" for c in ("cat", "dog") for n in range(20, 26)} | {"90", "91"}
 
 
 def test_unchanged_ids_keep_their_split_and_new_ids_are_stratified(tmp_path, cats_dogs, capsys):
-    first = extract(cats_dogs, features_dir=tmp_path, holdout=0.2, **RUN)
+    first = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, holdout=0.2, **RUN))
     before = _split(first)
     (cats_dogs / "train" / "cat.5.jpg").unlink()
     (cats_dogs / "train" / "dog.0.jpg").rename(cats_dogs / "train" / "cat.40.jpg")  # relabelled by its name
     write_images(cats_dogs / "train", [f"{c}.{n}.jpg" for c in ("cat", "dog") for n in range(100, 110)],
                  start_seed=500)
     capsys.readouterr()
-    again = extract(cats_dogs, features_dir=tmp_path, holdout=0.2, **RUN)
+    again = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, holdout=0.2, **RUN))
     out = capsys.readouterr().out
     assert "2 images gone since the last run (first: cat.5)" in out
     assert "21 new images since the last run" in out
@@ -130,7 +130,7 @@ def test_workflow_audit_correct_labels_rerun(tmp_path, capsys):
     given = {**truth, **wrong}
     pd.DataFrame({"id": list(given), "breed": list(given.values())}).to_csv(data / "labels.csv", index=False)
     features = tmp_path / "features"
-    first = extract(data, features_dir=features, holdout=0.2, **RUN)
+    first = extract(ExtractConfig(data, features_dir=features, holdout=0.2, **RUN))
     run1 = run_stack(first.paths.root, model="logreg", folds=3, models_dir=tmp_path / "models")
     audit_command.main(["--run", str(run1)])  # audit.py on the run
     issues = pd.read_csv(AuditPaths(RunPaths(run1).audit_dir).label_issues_csv, dtype=str, keep_default_na=False)
@@ -141,7 +141,7 @@ def test_workflow_audit_correct_labels_rerun(tmp_path, capsys):
     labels["breed"] = [fixes.get(i, b) for i, b in zip(labels.id, labels.breed)]
     labels.to_csv(data / "labels.csv", index=False)
     capsys.readouterr()
-    again = extract(data, features_dir=features, holdout=0.2, **RUN)
+    again = extract(ExtractConfig(data, features_dir=features, holdout=0.2, **RUN))
     out = capsys.readouterr().out
     assert f"{len(fixes)} label{'s' if len(fixes) != 1 else ''} changed since the last run" in out
     assert [j.extracted for j in again.jobs] == [0] and [j.cached for j in again.jobs] == [39]

@@ -414,7 +414,7 @@ def test_flipped_input_size_attribute_is_damage_for_stack_predict_and_extraction
     assert code == 2 and len(err.splitlines()) == 1 and not out
     assert err.startswith(f"error: {run / 'config.json'}: damaged: the attributes it records for {clean['file']}: "
                           "its attributes do not match their checksum; rebuild the run with: stack.py --features ")
-    summary = extract(data, features_dir=tmp_path / "f", **RUN)
+    summary = extract(ExtractConfig(data, features_dir=tmp_path / "f", **RUN))
     moved = [l for l in capsys.readouterr().err.splitlines() if "moved aside" in l]
     assert moved == [f"{final}: damaged feature file (its attributes do not match their checksum); moved aside to "
                      f"{clean['file']}.corrupt, its features are extracted again"]
@@ -435,7 +435,7 @@ def test_legacy_files_without_the_checksum_are_checked_by_name_and_sealed_by_ext
                                              r"--image-size 32 "):
         read_entry(final)
     _flip_input_size(final)  # back to 32
-    summary = extract(data, features_dir=tmp_path / "f", **RUN)
+    summary = extract(ExtractConfig(data, features_dir=tmp_path / "f", **RUN))
     assert summary.jobs[0].extracted == 0 and "moved aside" not in capsys.readouterr().err
     with h5py.File(final, "r") as f:
         assert ATTRS_SHA256 in f.attrs, "the next extraction adds the checksum"
