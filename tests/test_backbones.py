@@ -113,6 +113,7 @@ def keras_reference(name, weights_file, paths, size):
     return model.predict(app.preprocess_input(x), verbose=0)
 
 
+@pytest.mark.slow
 def test_reference_semantics_every_parity_backbone(tmp_path, cats_dogs):
     names = PARITY
     wdir = make_weights_dir(tmp_path / "weights", names, SIZE)

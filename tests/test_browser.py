@@ -76,6 +76,7 @@ def offline_page(browser, blocked: list):
     return context.new_page()
 
 
+@pytest.mark.slow
 def test_page_shows_predict_py_top_class_and_probability(chromium, demo, server, tmp_path):
     from playwright.sync_api import sync_playwright
 
@@ -121,6 +122,7 @@ def test_page_shows_predict_py_top_class_and_probability(chromium, demo, server,
     assert blocked == []  # nothing was asked of another host
 
 
+@pytest.mark.slow
 def test_first_answer_docs_offline_and_error_cards(chromium, demo, server):
     """The first answer within 2x a later one (the forward pass is compiled before the URL is printed); /docs
     renders with the network blocked; a photo that cannot be read gets a card without a broken image, naming the

@@ -47,6 +47,7 @@ def test_every_image_once_then_from_cache(tmp_path, cats_dogs):
     assert np.array_equal(entry_of(again).features, entry_of(first).features)
 
 
+@pytest.mark.slow
 def test_other_configuration_is_a_new_entry(tmp_path, cats_dogs):
     a = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, **FAST))
     b = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, **{**FAST, "pooling": "max"}))
@@ -57,6 +58,7 @@ def test_other_configuration_is_a_new_entry(tmp_path, cats_dogs):
     assert not np.allclose(entry_of(a).features, entry_of(c).features)
 
 
+@pytest.mark.slow
 def test_incremental_append_keeps_split(tmp_path, cats_dogs):
     first = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, **FAST))
     split_before = pd.read_csv(first.paths.split_csv, dtype=str)
@@ -79,6 +81,7 @@ def test_other_split_is_refused(tmp_path, cats_dogs):
         extract(ExtractConfig(cats_dogs, features_dir=tmp_path, holdout=0.2, **FAST))
 
 
+@pytest.mark.slow
 def test_bad_images_are_reported_not_fatal(tmp_path, cats_dogs):
     (cats_dogs / "train" / "cat.7.jpg").write_bytes(b"")
     (cats_dogs / "train" / "dog.7.jpg").write_text("not an image at all")
@@ -137,6 +140,7 @@ def test_second_writer_fails_at_once(tmp_path, cats_dogs):
     assert proc.returncode == 2 and "being written by another extract_features.py run" in proc.stderr
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_uninterrupted_features(tmp_path):
     data = tmp_path / "data" / "big"
     write_images(data / "train", [f"{c}.{n}.jpg" for c in ("cat", "dog") for n in range(50)])
@@ -165,12 +169,14 @@ def test_kill_9_then_resume_gives_uninterrupted_features(tmp_path):
     assert not list(paths.root.glob(".shards/*/*")), "shards are merged and removed"
 
 
+@pytest.mark.slow
 def test_every_layout_extracts(tmp_path, dog_breed, folders, manifest):
     for data in (dog_breed, folders, manifest):
         s = extract(ExtractConfig(data, features_dir=tmp_path, holdout=0, **FAST))
         assert len(entry_of(s).ids) == s.images
 
 
+@pytest.mark.slow
 def test_real_kaggle_photos(tmp_path, shared_data):
     data = shared_data / "dogs-vs-cats-sample"
     s = extract(ExtractConfig(data, features_dir=tmp_path, backbones=["resnet50"], weights="random", image_size=75,
@@ -183,6 +189,7 @@ def test_real_kaggle_photos(tmp_path, shared_data):
     assert np.isfinite(entry.features).all() and entry.features.std(axis=0).mean() > 0
 
 
+@pytest.mark.slow
 def test_bf16_features_stay_close_to_float32(tmp_path, cats_dogs):
     from conftest import make_weights_dir
     weights = make_weights_dir(tmp_path / "w", ["resnet50"], 64)

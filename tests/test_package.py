@@ -61,6 +61,7 @@ def test_wheel_holds_every_command_the_web_page_the_entry_point_and_the_requirem
     assert {"ray", "serve", "audit", "dev"} <= set(meta.get_all("Provides-Extra"))
 
 
+@pytest.mark.slow
 def test_installed_console_script_runs_outside_the_repository(wheel, demo, tmp_path):
     # A fresh venv that borrows this one's dependencies through a .pth file, so nothing is downloaded.
     env_dir = tmp_path / "venv"
@@ -98,6 +99,7 @@ def _extract_cli(demo, *extra):
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
+@pytest.mark.slow
 def test_cached_rerun_prints_no_library_lines_unless_verbose(demo):
     proc = _extract_cli(demo)
     assert proc.returncode == 0, proc.stderr

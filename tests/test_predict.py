@@ -29,6 +29,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "predict.py"), *map(str, args)], capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_cli_top5_json_and_a_bad_photo(demo, tmp_path):
     photos = sorted((demo["data"] / "test").glob("*.jpg"))[:3]
     proc = _cli(*photos, "--run", demo["run"])
@@ -56,6 +57,7 @@ def test_folder_argument_means_every_image(demo):
     assert predictor.backbones[0].model is not None  # models are built once, at load
 
 
+@pytest.mark.slow
 def test_refuses_other_weights(tmp_path, cats_dogs):
     weights = make_weights_dir(tmp_path / "w", ["resnet50"], 32)
     s = extract(ExtractConfig(cats_dogs, backbones=["resnet50"], weights=str(weights), image_size=32,

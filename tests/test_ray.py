@@ -46,6 +46,7 @@ def assert_same_store(a_root, b_root, n):
         assert rel <= 1e-5, (name, rel)
 
 
+@pytest.mark.slow
 def test_ray_matches_local_engine(tmp_path, forty, local_ray):
     r = extract(ExtractConfig(forty, features_dir=tmp_path / "ray", engine="ray", batch_size=8, **ARGS))
     extract(ExtractConfig(forty, features_dir=tmp_path / "local", **ARGS))
@@ -55,6 +56,7 @@ def test_ray_matches_local_engine(tmp_path, forty, local_ray):
     assert [j.extracted for j in again.jobs] == [0, 0]  # ids in the store are not sent to the cluster
 
 
+@pytest.mark.slow
 def test_killed_ray_run_resumes(tmp_path, forty, local_ray):
     paths = DatasetPaths.of(tmp_path / "ray", "forty")
     cmd = [sys.executable, str(ROOT / "extract_features.py"), "--data", str(forty), "--features-dir",

@@ -287,6 +287,7 @@ def test_batch_buckets_cover_every_size():
             assert rows - n <= rows / 3 or rows <= 3
 
 
+@pytest.mark.slow
 def test_every_batch_size_gives_one_at_a_time_answers(predictor, demo):
     """A batch of every size 1..--max-batch (32, the default), padded to its compiled shape, answers each photo as
     that photo alone does."""
@@ -303,6 +304,7 @@ def test_every_batch_size_gives_one_at_a_time_answers(predictor, demo):
             assert abs(together[k] - alone[k]).max() < 1e-5, (n, k)
 
 
+@pytest.mark.slow
 def test_no_forward_pass_is_compiled_after_start_for_any_batch_size(predictor, demo):
     """Counted, not timed: Python runs a model's predict_step only while TensorFlow/JAX traces (compiles) it."""
     for b in predictor.backbones:

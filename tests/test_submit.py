@@ -43,6 +43,7 @@ def real_breeds(shared_data):
     return breeds, test_ids
 
 
+@pytest.mark.slow
 def test_dog_breed_format_from_real_breed_list(tmp_path, real_breeds):
     breeds, test_ids = real_breeds
     assert len(breeds) == 120 and len(test_ids) == 10357
