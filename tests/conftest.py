@@ -181,6 +181,17 @@ def hub_presets(tmp_path_factory) -> dict[str, Path]:
     return {kind: make_hub_preset(base / kind, kind) for kind in ("dinov2", "siglip", "clip")}
 
 
+def run_main(main, argv, capsys):
+    """Run a command's main in this process: (exit code, stdout, stderr). An uncaught exception fails the test."""
+    try:
+        main(list(map(str, argv)))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -22,23 +22,12 @@ from featstack.stack import newest_run, run_stack
 from featstack.submission import submit
 from featstack.synthetic import write_synthetic_store
 
-from conftest import ROOT, set_attrs, write_images
+from conftest import ROOT, run_main, set_attrs, write_images
 
 
 @pytest.fixture
 def store(tmp_path):
     return write_synthetic_store(tmp_path / "features", "synth", classes=4, per_class=12, test_rows=6)
-
-
-def _cli(main, argv, capsys):
-    """Run a command's main in this process: (exit code, stdout, stderr). An uncaught exception fails the test."""
-    try:
-        main(list(map(str, argv)))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _keep_rows(path, keep_ids):
@@ -74,7 +63,7 @@ def _truncate(path):
 def test_damaged_entry_file_is_refused_in_one_line(tmp_path, store, capsys, damage):
     entry = store.entry_file("vgg16_synthetic")
     damage(entry)
-    code, out, err = _cli(stack_command.main, ["--features", store.root, "--models-dir", tmp_path / "m"], capsys)
+    code, out, err = run_main(stack_command.main, ["--features", store.root, "--models-dir", tmp_path / "m"], capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: {entry}: ") and "extract_features.py" in err
     assert not (tmp_path / "m").exists()
@@ -97,7 +86,7 @@ def test_damaged_run_file_is_refused_by_predict_in_one_line(tmp_path, store, cap
     write_images(tmp_path, ["p.jpg"])
     with pytest.raises(FeatstackError, match=match):
         Predictor(run)
-    code, _, err = _cli(predict_command.main, [photo, "--run", run], capsys)
+    code, _, err = run_main(predict_command.main, [photo, "--run", run], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {run / name}"), err
     if name == "config.json":  # the newest run is found by reading every config.json: same one line
         with pytest.raises(FeatstackError, match=match):
@@ -193,12 +182,12 @@ def test_full_disk_while_writing_a_run_folder(tmp_path, store, capsys, monkeypat
     monkeypatch.setattr(pathlib.Path, "write_text", full_at_report)
     models = tmp_path / "m"
     argv = ["--features", store.root, "--models-dir", models, "--folds", 3, "--run-id", "mine"]
-    code, _, err = _cli(stack_command.main, argv, capsys)
+    code, _, err = run_main(stack_command.main, argv, capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: {models}: no space left on device while writing run folder mine")
     assert os.listdir(models) == []  # not even the hidden folder it was being written in
     monkeypatch.undo()
-    code, out, _ = _cli(stack_command.main, argv, capsys)
+    code, out, _ = run_main(stack_command.main, argv, capsys)
     assert code == 0 and out.strip().splitlines()[-1] == str(models / "mine")
 
 
@@ -254,7 +243,7 @@ def test_two_processes_with_one_run_id(tmp_path, store):
 def test_predict_batch_size_must_be_positive(tmp_path, capsys, value):
     photo = tmp_path / "p.jpg"
     Image.new("RGB", (8, 8)).save(photo)
-    code, out, err = _cli(predict_command.main, [photo, "--batch-size", value], capsys)
+    code, out, err = run_main(predict_command.main, [photo, "--batch-size", value], capsys)
     assert code == 2 and out == "" and f"--batch-size: {value!r}: give a positive whole number or auto" in err, err
     with pytest.raises(FeatstackError, match=r"--batch-size 0: give a positive whole number"):
         predict([str(photo)], batch_size=0)

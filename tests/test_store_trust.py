@@ -20,7 +20,7 @@ from featstack.paths import DatasetPaths
 from featstack.split import assign_holdout
 from featstack.store import EntryWriter, read_entry, remove_stray_tmp
 
-from conftest import ROOT, make_weights_dir, write_images
+from conftest import ROOT, make_weights_dir, run_main, write_images
 
 RUN = dict(backbones=["vgg16"], weights="random", image_size=32, progress=False, shard_rows=4, batch_size=4)
 CLI_RUN = ["--backbones", "vgg16", "--weights", "random", "--image-size", "32", "--shard-rows", "4",
@@ -372,17 +372,6 @@ def test_bad_images_csv_follows_the_table_also_on_fully_cached_reruns(tmp_path, 
 
 # --- attributes that decide a result are verified ----------------------------------------------------------------
 
-def _cli(main, argv, capsys):
-    """A command's main in this process: (exit code, stdout, stderr)."""
-    try:
-        main(list(map(str, argv)))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def _flip_input_size(path: Path) -> None:
     """One flipped bit in the input_size attribute (32 -> 96), nothing else touched: no chunk checksum sees it."""
     with h5py.File(path, "a") as f:
@@ -400,7 +389,7 @@ def test_flipped_input_size_attribute_is_damage_for_stack_predict_and_extraction
     _flip_input_size(final)
     rebuild = (f"python extract_features.py --data {data.resolve()} --features-dir {tmp_path / 'f'} --name cd "
                "--backbones vgg16 --weights random --image-size 32")  # the size the file was made with, not 96
-    code, out, err = _cli(stack_command.main, ["--features", paths.root, "--models-dir", tmp_path / "m"], capsys)
+    code, out, err = run_main(stack_command.main, ["--features", paths.root, "--models-dir", tmp_path / "m"], capsys)
     assert code == 2 and err == (f"error: {final}: damaged or unreadable feature file (its attributes do not match "
                                  f"their checksum); rebuild it with: {rebuild} (the run moves the damaged file "
                                  "aside)\n")
@@ -410,7 +399,7 @@ def test_flipped_input_size_attribute_is_damage_for_stack_predict_and_extraction
     config["feature_files"]["vgg16"]["input_size"] = 96
     (run / "config.json").write_text(json.dumps(config))
     photo = data / "train" / "cat.0.jpg"
-    code, out, err = _cli(predict_command.main, [photo, "--run", run], capsys)
+    code, out, err = run_main(predict_command.main, [photo, "--run", run], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and not out
     assert err.startswith(f"error: {run / 'config.json'}: damaged: the attributes it records for {clean['file']}: "
                           "its attributes do not match their checksum; rebuild the run with: stack.py --features ")
