@@ -62,8 +62,21 @@ def server(chromium, demo, tmp_path):
         log.close()
 
 
-def offline_page(browser, blocked: list):
-    """A page whose requests to any host but this machine fail, as on a machine without a network."""
+@contextlib.contextmanager
+def offline_page(chromium: str, blocked: list):
+    """Headless Chromium's page whose requests to any host but this machine fail, as on a machine without a network;
+    each such request is recorded in ``blocked``."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            yield _offline_context(browser, blocked).new_page()
+        finally:
+            browser.close()
+
+
+def _offline_context(browser, blocked: list):
     context = browser.new_context(viewport={"width": 1000, "height": 700})
 
     def route(r):
@@ -73,13 +86,11 @@ def offline_page(browser, blocked: list):
         return r.abort("internetdisconnected")
 
     context.route("**/*", route)
-    return context.new_page()
+    return context
 
 
 @pytest.mark.slow
 def test_page_shows_predict_py_top_class_and_probability(chromium, demo, server, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     from featstack.commands.predict import main as predict_main
 
     photo = sorted((demo["data"] / "test").glob("*.jpg"))[0]
@@ -89,24 +100,19 @@ def test_page_shows_predict_py_top_class_and_probability(chromium, demo, server,
     [record] = json.loads(out.getvalue())
     top = record["predictions"][0]
 
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        blocked = []
-        try:
-            page = offline_page(browser, blocked)
-            page.goto(server)
-            page.set_input_files('[data-testid="file-input"]', str(photo))
-            page.wait_for_selector('[data-testid="prediction"]', timeout=120_000)
-            page.wait_for_function("document.querySelectorAll('[data-testid=example]').length === 0 || "
-                                   "[...document.querySelectorAll('[data-testid=example]')].every(i => i.complete)")
-            rows = page.query_selector_all('[data-testid="prediction"]')
-            shown = [(r.get_attribute("data-class"), float(r.get_attribute("data-probability")), r.inner_text())
-                     for r in rows]
-            header, banner = page.inner_text("header"), page.is_visible('[data-testid="random-weights-banner"]')
-            title = page.title()
-            page.screenshot(path=str(tmp_path / "serve.png"))
-        finally:
-            browser.close()
+    blocked = []
+    with offline_page(chromium, blocked) as page:
+        page.goto(server)
+        page.set_input_files('[data-testid="file-input"]', str(photo))
+        page.wait_for_selector('[data-testid="prediction"]', timeout=120_000)
+        page.wait_for_function("document.querySelectorAll('[data-testid=example]').length === 0 || "
+                               "[...document.querySelectorAll('[data-testid=example]')].every(i => i.complete)")
+        rows = page.query_selector_all('[data-testid="prediction"]')
+        shown = [(r.get_attribute("data-class"), float(r.get_attribute("data-probability")), r.inner_text())
+                 for r in rows]
+        header, banner = page.inner_text("header"), page.is_visible('[data-testid="random-weights-banner"]')
+        title = page.title()
+        page.screenshot(path=str(tmp_path / "serve.png"))
     if os.environ.get("FEATSTACK_SCREENSHOT"):
         shutil.copy(tmp_path / "serve.png", Path(os.environ["FEATSTACK_SCREENSHOT"]))
 
@@ -127,39 +133,32 @@ def test_first_answer_docs_offline_and_error_cards(chromium, demo, server):
     """The first answer within 2x a later one (the forward pass is compiled before the URL is printed); /docs
     renders with the network blocked; a photo that cannot be read gets a card without a broken image, naming the
     file once."""
-    from playwright.sync_api import sync_playwright
-
     photos = sorted((demo["data"] / "test").glob("*.jpg"))[:4]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        blocked = []
-        try:
-            page = offline_page(browser, blocked)
-            page.goto(server)
-            page.wait_for_function("document.querySelector('#run strong') !== null")  # the run is loaded
-            seconds = []
-            for k, photo in enumerate(photos):
-                t0 = time.perf_counter()
-                page.set_input_files('[data-testid="file-input"]', str(photo))
-                page.wait_for_function(f"document.querySelectorAll('[data-state=answered]').length === {k + 1}",
-                                       timeout=120_000)
-                seconds.append(time.perf_counter() - t0)
+    blocked = []
+    with offline_page(chromium, blocked) as page:
+        page.goto(server)
+        page.wait_for_function("document.querySelector('#run strong') !== null")  # the run is loaded
+        seconds = []
+        for k, photo in enumerate(photos):
+            t0 = time.perf_counter()
+            page.set_input_files('[data-testid="file-input"]', str(photo))
+            page.wait_for_function(f"document.querySelectorAll('[data-state=answered]').length === {k + 1}",
+                                   timeout=120_000)
+            seconds.append(time.perf_counter() - t0)
 
-            page.set_input_files('[data-testid="file-input"]',
-                                 files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"not a photo"}])
-            page.wait_for_selector('[data-state="failed"]', timeout=60_000)
-            card = page.query_selector('[data-state="failed"]')
-            card_text = card.inner_text()
-            card_images = card.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, "
-                                                           "getComputedStyle(i).display])")
-            error = card.query_selector('[data-testid="error"]').inner_text()
-            progress_left = page.is_visible('[data-testid="progress"]')
+        page.set_input_files('[data-testid="file-input"]',
+                             files=[{"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"not a photo"}])
+        page.wait_for_selector('[data-state="failed"]', timeout=60_000)
+        card = page.query_selector('[data-state="failed"]')
+        card_text = card.inner_text()
+        card_images = card.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth, "
+                                                       "getComputedStyle(i).display])")
+        error = card.query_selector('[data-testid="error"]').inner_text()
+        progress_left = page.is_visible('[data-testid="progress"]')
 
-            page.goto(server + "docs")
-            page.wait_for_selector(".swagger-ui .opblock", timeout=60_000)
-            docs_text = page.inner_text("body")
-        finally:
-            browser.close()
+        page.goto(server + "docs")
+        page.wait_for_selector(".swagger-ui .opblock", timeout=60_000)
+        docs_text = page.inner_text("body")
     later = sorted(seconds[1:])[len(seconds[1:]) // 2]
     assert seconds[0] <= 2 * later, seconds
     assert card_text.count("notes.jpg") == 1 and "not an image" in error
