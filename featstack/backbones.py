@@ -153,20 +153,12 @@ class Backbone:
     def identity(self) -> dict:
         """Everything that changes the vectors; two configurations share a cache entry only if this is equal."""
         import keras
-        ident = {"backbone": self.name, "input_size": self.input_size, "preprocess": self.preprocess,
-                 "pooling": self.pooling, "tta": self.tta, "precision": self.precision, "weights": self.weights}
-        if self.preset:
-            ident["resize"] = str(self.hub_facts.resize)
-        if self.weights == "random":
-            ident["weights_seed"] = self.seed
-            ident["keras_backend"] = keras.backend.backend()  # each backend draws its own random numbers
-        elif self.weights == "imagenet":
-            ident["weights_file"] = Path(self.weights_file).name
-        else:
-            ident["weights_sha256"] = self.weights_sha256
-        if self.layer:
-            ident["layer"] = self.layer
-        return ident
+        return identity_of({
+            "backbone": self.name, "input_size": self.input_size, "preprocess": self.preprocess,
+            "pooling": self.pooling, "tta": self.tta, "precision": self.precision, "weights": self.weights,
+            "preset": self.preset, "resize": str(self.hub_facts.resize) if self.preset else None,
+            "weights_seed": self.seed, "keras_backend": keras.backend.backend(),  # each backend draws its own
+            "weights_file": self.weights_file, "weights_sha256": self.weights_sha256, "layer": self.layer})
 
     @property
     def entry(self) -> str:
