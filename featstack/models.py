@@ -39,9 +39,11 @@ LEVEL2_C_GRID = tuple(10.0 ** k for k in range(-4, 1))
 # Level-2 inputs are log-probabilities clipped here: log(1e-15) = -34.5 would dominate a standardised column.
 LOG_CLIP = 1e-5
 LGBM_PCA_DIMS = 128
-# LightGBM's threads are fixed, not "all cores", and deterministic=True: a run repeats exactly on another machine
-# (tests/test_models.py::test_lightgbm_repeats_exactly_across_thread_counts).
-LGBM_THREADS = 2
+# LightGBM runs on one OpenMP thread, its folds in worker processes like logreg's (fit_with_oof): on a 2-core machine
+# where anything else is running, OpenMP's barriers made 2 threads 6-500x slower than 1 (9,199 x 128 x 120 classes:
+# 6.0 s against 3.4 s for 10 rounds; 640 x 128 x 20: 279 s against 1.4 s for 100; BENCHMARKS.md). deterministic=True
+# keeps a run equal across thread counts (tests/test_models.py::test_lightgbm_repeats_exactly_across_thread_counts).
+LGBM_THREADS = 1
 # rows x dims x classes from which folds run in worker processes (the dog-breed shape is 7e9; the tests' datasets
 # stay below 1e6, where starting the workers would cost more than it saves).
 PARALLEL_FOLDS_MIN_WORK = 1e8
@@ -268,7 +270,7 @@ class PCALightGBM(ClassifierMixin, BaseEstimator):
         self.classes_ = np.unique(y)
         tr, va = train_test_split(np.arange(len(y)), test_size=0.1, random_state=self.seed, stratify=y)
         stopper = self._booster(self.n_estimators)
-        stopper.fit(Z[tr], y[tr], eval_set=[(Z[va], y[va])],
+        stopper.fit(Z[tr], y[tr], eval_X=Z[va], eval_y=y[va],  # eval_set: deprecated in LightGBM 4.7
                     callbacks=[lgb.early_stopping(self.early_stopping_rounds, verbose=False)])
         self.rounds_ = int(stopper.best_iteration_ or self.n_estimators)
         self.booster_ = self._booster(self.rounds_).fit(Z, y)  # every training row, at the early-stopped count
@@ -454,8 +456,9 @@ def fit_with_oof(estimator, X, y, *, folds: int, seed: int):
     if hasattr(estimator, "cv_predict_proba"):  # keeps its own OOF: one pass of fits, no second CV
         estimator.fit(X, y)
         return estimator.cv_predict_proba(y), estimator
-    say(f"{type(estimator).__name__}: {folds}-fold CV")
-    oof = cross_val_predict(clone(estimator), X, y, cv=_folds(folds, seed), method="predict_proba")
+    n_jobs = fold_jobs(X.shape, len(np.unique(y)), folds)
+    say(f"{type(estimator).__name__}: {folds}-fold CV on {n_jobs} process{'es' if n_jobs > 1 else ''}")
+    oof = cross_val_predict(clone(estimator), X, y, cv=_folds(folds, seed), method="predict_proba", n_jobs=n_jobs)
     say(f"{type(estimator).__name__}: refit on all rows")
     return oof, estimator.fit(X, y)
 

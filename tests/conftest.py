@@ -13,6 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 SESSION_MARK = "FEATSTACK_TEST_SESSION"  # inherited by xdist workers and the loky workers they start
+# Two xdist workers share 2 cores: an OpenMP thread that spins at a barrier while its partner waits for the other
+# worker's core made LightGBM's 2-thread fit in the thread-count test 200x slower (23.7 s against 0.1 s passive).
+# Set before any OpenMP runtime is loaded; featstack itself runs LightGBM on one thread.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 # An interrupted run must leave no worker processes behind. joblib's loky workers (scikit-learn, cleanlab) outlive a

@@ -263,7 +263,7 @@ def test_lightgbm_refits_on_every_row_at_the_early_stopped_round_count(tmp_path,
     fits, real = [], lgb.LGBMClassifier.fit
 
     def spy(self, X, y, **kwargs):
-        fits.append((len(X), self.n_estimators, "eval_set" in kwargs))
+        fits.append((len(X), self.n_estimators, "eval_X" in kwargs))
         return real(self, X, y, **kwargs)
 
     monkeypatch.setattr(lgb.LGBMClassifier, "fit", spy)
