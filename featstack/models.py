@@ -122,12 +122,23 @@ def _fit_path(X, y, train, valid, Cs, tol, threads, job):
     return job, out
 
 
+def _large(shape: tuple[int, int], n_classes: int) -> bool:
+    rows, dims = shape
+    return rows * dims * n_classes >= PARALLEL_FOLDS_MIN_WORK
+
+
 def fold_jobs(shape: tuple[int, int], n_classes: int, folds: int) -> int:
     """Worker processes for the folds: one per core once a fold's products are large enough to repay the start."""
-    rows, dims = shape
-    if rows * dims * n_classes < PARALLEL_FOLDS_MIN_WORK:
+    if not _large(shape, n_classes):
         return 1
     return max(1, min(folds + 1, cpu_count()))
+
+
+def blas_threads(shape: tuple[int, int], n_classes: int, n_jobs: int) -> int:
+    """BLAS threads per job: cores // jobs for large products, else one. An lbfgs iteration on small data is a few
+    millisecond-sized products, and OpenBLAS threads meet at a barrier after each: with anything else running on a
+    2-core machine, 2 threads made a 1,150 x 2,560 x 10-class fit 11-28x slower than 1 (BENCHMARKS.md)."""
+    return max(1, cpu_count() // n_jobs) if _large(shape, n_classes) else 1
 
 
 def logreg_cv(X, y, *, folds: int = 5, seed: int = 0, C: float | str = LOGREG_C, tol: float = LOGREG_TOL,
@@ -145,7 +156,7 @@ def logreg_cv(X, y, *, folds: int = 5, seed: int = 0, C: float | str = LOGREG_C,
     Cs = tuple(grid) if auto else (float(C),)
     if n_jobs is None:
         n_jobs = fold_jobs(X.shape, len(classes), folds)
-    threads = max(1, cpu_count() // n_jobs)
+    threads = blas_threads(X.shape, len(classes), n_jobs)
     tasks = [(train, valid) for train, valid in splits]
     if not auto:  # the refit's C is known: it runs beside the folds
         tasks.append((np.arange(len(y)), None))
@@ -170,7 +181,8 @@ def logreg_cv(X, y, *, folds: int = 5, seed: int = 0, C: float | str = LOGREG_C,
     best = min(range(len(Cs)), key=lambda k: scores[Cs[k]])
     if auto:
         say(f"{label}: C = {Cs[best]:g} chosen; refit on all rows")
-        results[folds] = _fit_path(X, y_index, np.arange(len(y)), None, (Cs[best],), tol, cpu_count(), folds)[1]
+        results[folds] = _fit_path(X, y_index, np.arange(len(y)), None, (Cs[best],), tol,
+                                   blas_threads(X.shape, len(classes), 1), folds)[1]
         say(f"{label}: refit done ({time.perf_counter() - t0:.1f} s)")
     stops = {c: [results[job][k][2] for job in range(folds)] for k, c in enumerate(Cs)}
     final = results[folds][-1 if auto else 0]

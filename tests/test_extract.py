@@ -144,7 +144,7 @@ def test_second_writer_fails_at_once(tmp_path, cats_dogs):
 def test_kill_9_then_resume_gives_uninterrupted_features(tmp_path):
     data = tmp_path / "data" / "big"
     write_images(data / "train", [f"{c}.{n}.jpg" for c in ("cat", "dog") for n in range(50)])
-    args = ["--data", data, "--backbones", "resnet50,vgg16", "--weights", "random", "--image-size", 75,
+    args = ["--data", data, "--backbones", "resnet50,vgg16", "--weights", "random", "--image-size", 32,
             "--batch-size", 4, "--shard-rows", 4]
     paths = DatasetPaths.of(tmp_path / "killed", "big")
     proc = subprocess.Popen([sys.executable, str(ROOT / "extract_features.py"), *map(str, args), "--no-progress",
@@ -159,7 +159,8 @@ def test_kill_9_then_resume_gives_uninterrupted_features(tmp_path):
     shards = list(paths.root.glob(".shards/*/*.h5"))
     assert shards and not list(paths.root.glob("*.h5")), "killed before the merge: only shards exist"
     cli(*args, "--features-dir", tmp_path / "killed")
-    cli(*args, "--features-dir", tmp_path / "clean")
+    extract(ExtractConfig(data, backbones=["resnet50", "vgg16"], weights="random", image_size=32, batch_size=4,
+                          shard_rows=4, features_dir=tmp_path / "clean", progress=False))  # the uninterrupted run
     for killed in sorted(paths.root.glob("*.h5")):
         a = read_entry(killed)
         b = read_entry(tmp_path / "clean" / "big" / killed.name)
