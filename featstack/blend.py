@@ -7,9 +7,10 @@ from scipy.special import log_softmax
 
 EPS = 1e-15
 # Log-linear pooling may sharpen its members (weights summing above 1), but at most this much: on out-of-fold
-# predictions that separate every training row the log loss keeps falling as the weights grow (weights of 22 on a
-# small separable store), and one holdout mistake then costs up to 34.5. On both realistic worlds the fitted weights
-# sum to 1.4-1.5 (BENCHMARKS.md), so the bound does not bind there.
+# predictions right on every training row the log loss keeps falling as the weights grow (they sum to 11 where the
+# optimiser gives up, in tests/test_models.py::test_pool_sharpens_separable_members_only_up_to_its_bound), and one
+# holdout mistake then costs up to 34.5. On both realistic worlds the fitted weights sum to 1.2-1.3 (BENCHMARKS.md):
+# the bound does not bind there.
 POOL_MAX_SUM = 3.0
 
 
