@@ -1,5 +1,5 @@
 """Stacker models: the fast logistic regression equals a plain sklearn fit, the blend's simplex weights and honest CV,
---C auto, and --select's ranking of backbones."""
+stack's pooling level 2, --C auto, and --select's ranking of backbones."""
 import json
 import warnings
 
@@ -315,8 +315,9 @@ def test_pool_level2_nests_the_best_member():
 def test_pool_sharpens_separable_members_only_up_to_its_bound():
     """Members right on every row: the log loss keeps falling as the weights grow, so only the bound on their sum
     keeps the fit finite (and a holdout mistake affordable)."""
-    from featstack.blend import POOL_MAX_SUM
     from scipy.special import softmax
+
+    from featstack.blend import POOL_MAX_SUM
     rng = np.random.default_rng(0)
     y = rng.integers(0, 5, 300)
     right = [softmax(3.0 * np.eye(5)[y] + rng.standard_normal((300, 5)) * 0.3, axis=1) for _ in range(2)]
