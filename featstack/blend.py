@@ -1,10 +1,17 @@
-"""Blending out-of-fold probabilities: simplex weights minimising log loss, and their honest (fold-wise) CV."""
+"""Blending out-of-fold probabilities, linearly (simplex weights) or log-linearly (pooling), minimising log loss."""
 from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import minimize
+from scipy.special import log_softmax
 
 EPS = 1e-15
+# Log-linear pooling may sharpen its members (weights summing above 1), but at most this much: on out-of-fold
+# predictions right on every training row the log loss keeps falling as the weights grow (they sum to 11 where the
+# optimiser gives up, in tests/test_models.py::test_pool_sharpens_separable_members_only_up_to_its_bound), and one
+# holdout mistake then costs up to 34.5. On both realistic worlds the fitted weights sum to 1.2-1.3 (BENCHMARKS.md):
+# the bound does not bind there.
+POOL_MAX_SUM = 3.0
 
 
 def blend_weights(probas: list[np.ndarray], y: np.ndarray) -> np.ndarray:
@@ -44,3 +51,43 @@ def blend_oof(probas: list[np.ndarray], y: np.ndarray, splits) -> tuple[np.ndarr
         out[valid] = blend([p[valid] for p in probas], w)
         fold_weights.append(w)
     return out, fold_weights
+
+
+def pool_weights(logp: np.ndarray, y: np.ndarray, class_bias: bool = False,
+                 max_sum: float = POOL_MAX_SUM) -> tuple[np.ndarray, np.ndarray]:
+    """Log-linear pooling: member weights ``a >= 0`` with ``sum(a) <= max_sum`` (and, with ``class_bias``, class
+    biases ``b``; else b = 0) minimising the log loss of ``p(c | x) ∝ exp(sum_m a_m * logp[x, m, c] + b_c)`` on
+    labels ``y`` (a conditional logit).
+
+    ``logp`` is rows x members x classes of log-probabilities. Weight 1 on one member and 0 elsewhere (b = 0) is that
+    member itself, so the optimum is never worse than the best member on these rows; the weights may sum to more or
+    less than 1 (a sharper or softer pool). The loss is convex in (a, b): SLSQP from equal weights finds it.
+    """
+    n, n_members, n_classes = logp.shape
+    rows = np.arange(n)
+    truth = logp[rows, :, y].sum(axis=0)  # the rows' log-probabilities of their own class, per member
+    onehot = np.zeros((n, n_classes))
+    onehot[rows, y] = 1.0
+
+    def loss_and_grad(theta):
+        a, b = theta[:n_members], theta[n_members:] if class_bias else 0.0
+        log_q = log_softmax(np.einsum("nmc,m->nc", logp, a) + b, axis=1)
+        q = np.exp(log_q)
+        grad = [(np.einsum("nc,nmc->m", q, logp) - truth) / n] + ([(q - onehot).mean(axis=0)] if class_bias else [])
+        return -log_q[rows, y].mean(), np.concatenate(grad)
+
+    # b is shift-invariant (adding a constant to every b_c changes nothing); starting at 0 with gradients that sum to
+    # 0 keeps it centred.
+    start = np.concatenate([np.full(n_members, 1 / n_members)] + ([np.zeros(n_classes)] if class_bias else []))
+    bounds = [(0.0, max_sum)] * n_members + [(None, None)] * (n_classes if class_bias else 0)
+    total = {"type": "ineq", "fun": lambda t: max_sum - t[:n_members].sum(),
+             "jac": lambda t: -np.concatenate([np.ones(n_members), np.zeros(len(t) - n_members)])}
+    res = minimize(loss_and_grad, start, jac=True, method="SLSQP", bounds=bounds, constraints=[total],
+                   options={"ftol": 1e-12, "maxiter": 1000})
+    a = np.clip(res.x[:n_members], 0.0, None)
+    return a, res.x[n_members:] if class_bias else np.zeros(n_classes)
+
+
+def pool(logp: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """The pooled probabilities of rows x members x classes log-probabilities ``logp``."""
+    return np.exp(log_softmax(np.einsum("nmc,m->nc", logp, weights) + bias, axis=1))

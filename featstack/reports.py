@@ -186,6 +186,10 @@ def summary_lines(report: dict) -> list[str]:
     if report.get("level2"):
         l2 = report["level2"]
         lines.append(f"level 2: {l2['model']} on the members' {l2.get('inputs', 'out-of-fold probabilities')}")
+        if l2.get("weights"):
+            bias = "; plus a bias per class" if l2.get("class_bias") else ""
+            lines.append(f"level 2 pooling weights (one per member, >= 0{bias}): "
+                         + ", ".join(f"{n} {w:.3f}" for n, w in l2["weights"].items()))
         lines += _choice_lines("level 2", l2, report["folds"])
     return lines
 

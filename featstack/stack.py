@@ -53,7 +53,7 @@ def _check_trainable(fs: FeatureSet, folds: int) -> None:
 
 
 def run_stack(features: str | Path, *, backbones: list[str] | None = None, model: str = "logreg",
-              level2: str = "logreg", folds: int = 5, seed: int = 0, models_dir: str | Path = MODELS_DIR,
+              level2: str = M.LEVEL2_DEFAULT, folds: int = 5, seed: int = 0, models_dir: str | Path = MODELS_DIR,
               allow_missing: bool = False, run_id: str | None = None, C: float | str = M.LOGREG_C,
               exclude: str | Path | None = None, members: list[str] | None = None,
               level1_predict: str = M.LEVEL1_PREDICT) -> Path:

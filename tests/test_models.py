@@ -1,5 +1,5 @@
 """Stacker models: the fast logistic regression equals a plain sklearn fit, the blend's simplex weights and honest CV,
---C auto, and --select's ranking of backbones."""
+stack's pooling level 2, --C auto, and --select's ranking of backbones."""
 import json
 import warnings
 
@@ -303,3 +303,72 @@ def test_stack_level2_C_comes_from_its_own_CV(tmp_path):
     assert auto.level2_.C_ < 1.0 and set(auto.level2_.C_grid_) == set(M.LEVEL2_C_GRID)
     assert kaggle_log_loss(y, auto.oof_) < kaggle_log_loss(y, fixed.oof_)
     assert auto.members_ == ["a", "b", "c", "concat"]
+
+
+def _one_clearly_best(n, rng, classes=8):
+    """OOF-like probabilities of four members: labels drawn from a true posterior; one member sees it with little
+    noise of its own, two with much, one not at all."""
+    from scipy.special import softmax
+    logits = 2.0 * rng.standard_normal((n, classes))
+    y = np.array([rng.choice(classes, p=p) for p in softmax(logits, axis=1)])
+    probas = [softmax(logits + s * rng.standard_normal((n, classes)), axis=1) for s in (0.3, 1.5, 1.5)]
+    return y, probas + [softmax(rng.standard_normal((n, classes)), axis=1)]
+
+
+def test_pool_level2_nests_the_best_member():
+    """Log-linear pooling can be any member alone (weight 1 on it), so fitted on members of which one is clearly best
+    its weight dominates, and its honest OOF (weights fitted on the other folds) is no worse than that member."""
+    from featstack.reports import kaggle_log_loss
+    y, probas = _one_clearly_best(1500, np.random.default_rng(0))
+    X = M.level2_inputs(probas)
+    pool = M.LogPool().fit(X, y)
+    w = pool.weights_
+    assert (w >= 0).all() and all((fw >= 0).all() for fw in pool.fold_weights_)
+    assert w[0] > 5 * w[1:].max(), w
+    best = kaggle_log_loss(y, probas[0])
+    assert kaggle_log_loss(y, pool.oof_) <= best + 0.005, (kaggle_log_loss(y, pool.oof_), best)
+    np.testing.assert_allclose(pool.predict_proba(X[:50]).sum(axis=1), 1, atol=1e-12)
+    np.testing.assert_allclose(pool.oof_.sum(axis=1), 1, atol=1e-12)
+
+
+def test_pool_sharpens_separable_members_only_up_to_its_bound():
+    """Members right on every row: the log loss keeps falling as the weights grow, so only the bound on their sum
+    keeps the fit finite (and a holdout mistake affordable)."""
+    from scipy.special import softmax
+
+    from featstack.blend import POOL_MAX_SUM
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 300)
+    right = [softmax(3.0 * np.eye(5)[y] + rng.standard_normal((300, 5)) * 0.3, axis=1) for _ in range(2)]
+    assert all((p.argmax(axis=1) == y).all() for p in right)
+    w = M.LogPool().fit(M.level2_inputs(right), y).weights_
+    assert POOL_MAX_SUM - 1e-6 <= w.sum() <= POOL_MAX_SUM + 1e-9, w
+
+
+def test_pool_cv_never_fits_weights_on_the_rows_it_scores():
+    """Shuffling the level-2 inputs among fold 0's held-out rows leaves fold 0's weights as they were: its OOF rows
+    are shuffled the same way and otherwise unchanged."""
+    y, probas = _one_clearly_best(400, np.random.default_rng(1))
+    X = M.level2_inputs(probas)
+    held_out = next(iter(StratifiedKFold(5, shuffle=True, random_state=0).split(X, y)))[1]
+    shuffled = np.random.default_rng(0).permutation(held_out)
+    X_shuffled = X.copy()
+    X_shuffled[held_out] = X[shuffled]
+    before, after = M.LogPool().fit(X, y), M.LogPool().fit(X_shuffled, y)
+    assert not np.allclose(after.weights_, before.weights_)  # the refit on every row saw the shuffled rows
+    by_row = dict(zip(held_out, shuffled))
+    np.testing.assert_allclose(after.oof_[held_out], before.oof_[[by_row[r] for r in held_out]], rtol=0, atol=1e-12)
+
+
+def test_stack_with_the_pool_level2_is_not_worse_than_its_best_member(tmp_path):
+    """A small realistic world (each backbone alone decent): the default level 2 (pool) scores, in its honest CV,
+    within issue #19's bound of the best member; the full logistic level 2 on the same inputs does not."""
+    from featstack.reports import kaggle_log_loss
+    X, y, fs = _xy(write_synthetic_store(tmp_path, "s", classes=12, per_class=15, separation=0.8, world="similar",
+                                         widths={"a": 32, "b": 32, "c": 32}))
+    stack = M.build("stack", fs.column_ranges).fit(X, y)
+    assert stack.level2 == "pool" and isinstance(stack.level2_, M.LogPool)
+    best = min(kaggle_log_loss(y, oof) for oof in stack.oof_level1_)
+    assert kaggle_log_loss(y, stack.oof_) <= 1.02 * best + 0.005, (kaggle_log_loss(y, stack.oof_), best)
+    full = M.CVLogReg(C="auto", grid=M.LEVEL2_C_GRID).fit(M.level2_inputs(stack.oof_level1_), y)
+    assert kaggle_log_loss(y, full.oof_) > 1.02 * best + 0.005, (kaggle_log_loss(y, full.oof_), best)

@@ -25,8 +25,8 @@ def store(tmp_path):
     return write_synthetic_store(tmp_path / "features", "synth", classes=7, per_class=25)
 
 
-@pytest.mark.parametrize("model, level2", [("logreg", "logreg"), ("lgbm", "logreg"), ("stack", "logreg"),
-                                           ("stack", "lgbm"), ("avg", "logreg")])
+@pytest.mark.parametrize("model, level2", [("logreg", "logreg"), ("lgbm", "logreg"), ("stack", "pool"),
+                                           ("stack", "logreg"), ("stack", "lgbm"), ("avg", "logreg")])
 def test_every_model_end_to_end(tmp_path, store, model, level2):
     run = RunPaths(run_stack(store.root, model=model, level2=level2, models_dir=tmp_path / "models"))
     assert sorted(p.name for p in run.root.iterdir()) == sorted(FILES)
@@ -121,6 +121,7 @@ def _holdout_only_class(store):
     (None, {"backbones": ["xception"]},
      r"'xception' is not cached in .*; cached: resnet50 \(resnet50_synthetic\), vgg16"),
     (None, {"model": "svm"}, r"--model svm: choose one of logreg, lgbm, stack, avg"),
+    (None, {"model": "stack", "level2": "svm"}, r"--level2 svm: choose one of pool, logreg, lgbm"),
     (_holdout_only_class, {}, r"split\.csv: class 'class_000' has holdout rows but no training rows; put some"),
     (None, {"model": "stack", "members": ["concat", "xception"]},
      r"--members xception: choose from backbones, concat, lgbm or a backbone \(resnet50, vgg16\)"),
@@ -171,9 +172,9 @@ def test_cli_last_line_is_run_folder_and_list_is_best_first(tmp_path, store):
 
 
 def test_stack_members_level2_and_progress_in_console_and_report(tmp_path, store, capsys):
-    """The concatenation is a member by default; level 2's C, the members and the CV figure's kind are reported; every
-    phase says what it is doing (fold k of n, refit, level 2)."""
-    run = RunPaths(run_stack(store.root, model="stack", models_dir=tmp_path))
+    """The concatenation is a member by default; a logreg level 2's C, the members and the CV figure's kind are
+    reported; every phase says what it is doing (fold k of n, refit, level 2)."""
+    run = RunPaths(run_stack(store.root, model="stack", level2="logreg", models_dir=tmp_path))
     out = capsys.readouterr().out
     report = json.loads(run.report_json.read_text())
     assert report["members"] == ["resnet50", "vgg16", "concat"]
@@ -184,6 +185,26 @@ def test_stack_members_level2_and_progress_in_console_and_report(tmp_path, store
         assert line in out, line
     md = run.report_md.read_text()
     assert "level 2: logreg on the members' log-probabilities" in md and "members: resnet50, vgg16, concat" in md
+
+
+def test_stack_default_level2_is_the_pool_with_its_weights_reported(tmp_path, store, capsys):
+    """stack.py's default level 2 pools the members log-linearly: a weight >= 0 per member in report.json, the console
+    and report.md; nothing is chosen on its CV (weights fitted inside each fold), so the figure is nested."""
+    from featstack.commands import stack as stack_command
+    stack_command.main(["--features", str(store.root), "--model", "stack", "--models-dir", str(tmp_path),
+                        "--run-id", "pooled"])
+    run = RunPaths(tmp_path / "pooled")
+    out = capsys.readouterr().out
+    report = json.loads(run.report_json.read_text())
+    assert report["level2"]["model"] == "pool" and "C" not in report["level2"]
+    weights = report["level2"]["weights"]
+    assert list(weights) == report["members"] == ["resnet50", "vgg16", "concat"]
+    assert all(w >= 0 for w in weights.values()) and max(weights.values()) > 0
+    assert report["cv"]["estimate"] == "nested"
+    assert json.loads(run.config_json.read_text())["level2"] == "pool"
+    line = "level 2 pooling weights (one per member, >= 0): resnet50 "
+    assert line in out and line in run.report_md.read_text()
+    assert "level 2: pool on the members' log-probabilities" in run.report_md.read_text()
 
 
 def test_members_option_chooses_them(tmp_path, store):

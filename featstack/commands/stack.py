@@ -22,9 +22,10 @@ def main(argv=None, prog=None):
     p.add_argument("--features", help="required unless --list: a dataset folder under features/, e.g. features/demo")
     p.add_argument("--backbones", default=None, help="comma-separated backbones (default: every cached one)")
     p.add_argument("--model", default="logreg", help="logreg|lgbm|stack|avg|blend (default logreg)")
-    p.add_argument("--level2", default="logreg",
-                   help="stack's level-2 model: logreg (its C chosen by CV on the level-2 inputs) or lgbm "
-                        "(default logreg)")
+    p.add_argument("--level2", default="pool",
+                   help="stack's level-2 model: pool (log-linear pooling of the members: a non-negative weight per "
+                        "member), logreg (a full logistic regression on the members' log-probabilities, its C "
+                        "chosen by CV) or lgbm (default pool)")
     p.add_argument("--members", default=None,
                    help="comma-separated level-1 members of stack, blend and avg: backbones (each backbone's own "
                         "logreg), a backbone's name, concat (logreg on the concatenated features), lgbm (default: "
