@@ -124,8 +124,9 @@ def manifest(tmp_path) -> Path:
     return data / "manifest.csv"
 
 
-def make_weights_dir(folder: Path, names, size: int) -> Path:
-    """Keras's canonical notop weight files for ``names``, from seeded random models, in legacy HDF5 format."""
+def make_weights_dir(folder: Path, names, size: int, models: dict | None = None) -> Path:
+    """Keras's canonical notop weight files for ``names``, from seeded random models, in legacy HDF5 format; each
+    model that wrote a file goes into ``models`` when given (a reference that needs no second build)."""
     import h5py
     import keras
     from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
@@ -140,6 +141,8 @@ def make_weights_dir(folder: Path, names, size: int) -> Path:
             include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg")
         with h5py.File(folder / spec.weights_file(size), "w") as f:
             save_weights_to_hdf5_group(f, model)
+        if models is not None:
+            models[name] = model
     return folder
 
 

@@ -100,14 +100,13 @@ def test_imagenet_unavailable_names_every_missing_file_folder_and_ways_on(monkey
     assert "--weights DIR" in err and "--weights random" in err and "Name or service not known" in err
 
 
-def keras_reference(name, weights_file, paths, size):
-    """What a user would write by hand: load_img -> img_to_array -> preprocess_input -> Model(pooling='avg')."""
+def keras_reference(name, model, paths, size):
+    """What a user would write by hand: load_img -> img_to_array -> preprocess_input -> the Keras model (the very
+    model, pooling='avg', that wrote the weights file featstack loads)."""
     import keras
     modules = {"xception": "xception", "inception_v3": "inception_v3", "resnet50": "resnet50", "vgg16": "vgg16",
                "efficientnetv2_b0": "efficientnet_v2"}
     app = getattr(keras.applications, modules[name])
-    model = getattr(keras.applications, bb.REGISTRY[name].constructor)(
-        include_top=False, pooling="avg", weights=str(weights_file), input_shape=(size, size, 3))
     x = np.stack([keras.utils.img_to_array(keras.utils.load_img(p, target_size=(size, size), interpolation="bilinear"))
                   for p in paths])
     return model.predict(app.preprocess_input(x), verbose=0)
@@ -116,7 +115,8 @@ def keras_reference(name, weights_file, paths, size):
 @pytest.mark.slow
 def test_reference_semantics_every_parity_backbone(tmp_path, cats_dogs):
     names = PARITY
-    wdir = make_weights_dir(tmp_path / "weights", names, SIZE)
+    models = {}
+    wdir = make_weights_dir(tmp_path / "weights", names, SIZE, models)
     summary = extract(ExtractConfig(cats_dogs, backbones=names, weights=str(wdir), image_size=SIZE,
                                     features_dir=tmp_path / "features", batch_size=5, progress=False))
     table = pd.read_csv(summary.paths.split_csv, dtype=str)
@@ -126,7 +126,7 @@ def test_reference_semantics_every_parity_backbone(tmp_path, cats_dogs):
         entry = read_entry(job.writer.final)
         assert entry.attrs["weights"] == "dir" and len(entry.attrs["weights_sha256"]) == 64
         assert entry.attrs["width"] == bb.REGISTRY[job.backbone.name].width
-        ref = keras_reference(job.backbone.name, job.backbone.weights_file, [paths[i] for i in entry.ids], SIZE)
+        ref = keras_reference(job.backbone.name, models[job.backbone.name], [paths[i] for i in entry.ids], SIZE)
         err = np.linalg.norm(entry.features - ref, axis=1) / np.linalg.norm(ref, axis=1)
         assert err.max() <= 1e-4, (job.backbone.name, err.max())
 
