@@ -67,10 +67,10 @@ def test_logreg_is_the_scikit_learn_recipe(tmp_path, classes):
         np.testing.assert_array_equal(fast.predict_proba(X_new), plain.predict_proba(X_new))
 
 
-def test_workers_times_blas_threads_never_exceed_the_cores(tmp_path, monkeypatch):
-    """Each fold job limits its BLAS threads so that worker processes x threads <= cores (threadpoolctl)."""
+@pytest.fixture
+def blas_threads_seen(monkeypatch) -> list[int]:
+    """The BLAS thread limit each LogisticRegression fit runs under, on a machine of 4 cores."""
     from threadpoolctl import threadpool_info
-    X, y, _ = _xy(write_synthetic_store(tmp_path, "s", classes=3, per_class=20))
     seen = []
     real = M.LogisticRegression.fit
 
@@ -80,29 +80,25 @@ def test_workers_times_blas_threads_never_exceed_the_cores(tmp_path, monkeypatch
 
     monkeypatch.setattr(M.LogisticRegression, "fit", spy)
     monkeypatch.setattr(M, "cpu_count", lambda: 4)
+    return seen
+
+
+def test_workers_times_blas_threads_never_exceed_the_cores(tmp_path, monkeypatch, blas_threads_seen):
+    """Each fold job limits its BLAS threads so that worker processes x threads <= cores (threadpoolctl)."""
+    X, y, _ = _xy(write_synthetic_store(tmp_path, "s", classes=3, per_class=20))
     monkeypatch.setattr(M, "PARALLEL_FOLDS_MIN_WORK", 0)  # these products count as large
     from joblib import parallel_config
     with parallel_config(backend="threading"):  # the jobs in this process, where the spy sees their limits
         M.logreg_cv(X, y, folds=3, n_jobs=2)
-    assert seen and max(seen) == 2, seen
+    assert blas_threads_seen and max(blas_threads_seen) == 2, blas_threads_seen
 
 
-def test_small_products_run_on_one_blas_thread(tmp_path, monkeypatch):
+def test_small_products_run_on_one_blas_thread(tmp_path, blas_threads_seen):
     """Below PARALLEL_FOLDS_MIN_WORK every fit, the folds and the refit of --C auto, runs on one BLAS thread: small
     products between OpenBLAS barriers made 2 threads 11-28x slower beside any other process on 2 cores."""
-    from threadpoolctl import threadpool_info
     X, y, _ = _xy(write_synthetic_store(tmp_path, "s", classes=3, per_class=20))
-    seen = []
-    real = M.LogisticRegression.fit
-
-    def spy(self, *args, **kwargs):
-        seen.append(max(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(M.LogisticRegression, "fit", spy)
-    monkeypatch.setattr(M, "cpu_count", lambda: 4)
     M.logreg_cv(X, y, folds=3, C="auto", grid=(0.1, 1.0))
-    assert len(seen) == 3 * 2 + 1 and set(seen) == {1}, seen
+    assert len(blas_threads_seen) == 3 * 2 + 1 and set(blas_threads_seen) == {1}, blas_threads_seen
 
 
 def test_a_fold_never_sees_the_rows_it_scores(tmp_path):
