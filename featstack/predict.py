@@ -111,6 +111,20 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
+def _count_traces(model) -> None:
+    """Count in ``model._featstack_traces`` each time the backend traces (compiles) its forward pass."""
+    if hasattr(model, "_featstack_traces"):
+        return
+    step = model.predict_step
+
+    def counted(*args, **kwargs):
+        model._featstack_traces += 1
+        return step(*args, **kwargs)
+
+    model._featstack_traces = 0
+    model.predict_step = counted  # read by Keras's predict function each time it traces
+
+
 class Predictor:
     """A run's backbones and fitted model, loaded once, answering batches of photos.
 
@@ -141,26 +155,18 @@ class Predictor:
         if any(b.weights == "random" for b in self.backbones):
             print(f"note: run {self.run.name} was trained on features of RANDOM weights (a smoke test or the offline "
                   "demo); its answers mean nothing for real photos", file=sys.stderr)
-        self.traces = 0
         for b in self.backbones:
             b.build()
-            self._count_traces(b.model)
+            _count_traces(b.model)
         self.buckets: tuple[int, ...] = ()
         self.pad = True  # pad batches to the buckets (warm() turns it off where any batch size runs uncompiled)
         if max_batch is not None:
             self.set_max_batch(max_batch)
 
-    def _count_traces(self, model) -> None:
-        if getattr(model, "_featstack_counted", False):
-            return
-        step = model.predict_step
-
-        def counted(*args, **kwargs):
-            self.traces += 1
-            return step(*args, **kwargs)
-
-        model.predict_step = counted  # read by Keras's predict function each time it traces
-        model._featstack_counted = True
+    @property
+    def traces(self) -> int:
+        """Forward passes compiled so far by this run's models (counted per model: a model may serve two Predictors)."""
+        return sum(b.model._featstack_traces for b in self.backbones)
 
     def set_max_batch(self, max_batch: int) -> None:
         if max_batch < 1:

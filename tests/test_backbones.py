@@ -26,6 +26,29 @@ def test_registry_width(name):
     assert b.width == bb.REGISTRY[name].width
 
 
+def test_a_configuration_is_built_once_per_process_and_only_while_its_weights_are_the_same(tmp_path):
+    """A second build of one configuration reuses the model (a notebook that extracts, then predicts); another seed
+    or another weights file under the same name is a model of its own."""
+    def built(**kwargs):
+        b = bb.resolve(["vgg16"], image_size=32, **kwargs)[0]
+        b.build()
+        return b
+
+    first = built(weights="random")
+    assert built(weights="random").model is first.model
+    assert built(weights="random", seed=1).model is not first.model
+    wdir = make_weights_dir(tmp_path / "w", ["vgg16"], 32)
+    from_file = built(weights=str(wdir))
+    assert built(weights=str(wdir)).model is from_file.model
+    other = make_weights_dir(tmp_path / "other", ["resnet50", "vgg16"], 32)  # another seed, the same file name
+    (wdir / bb.REGISTRY["vgg16"].weights_file(32)).write_bytes((other / bb.REGISTRY["vgg16"].weights_file(32))
+                                                                .read_bytes())
+    changed = built(weights=str(wdir))
+    assert changed.model is not from_file.model
+    x = np.random.default_rng(0).integers(0, 255, (2, 32, 32, 3)).astype(np.uint8)
+    assert not np.allclose(changed.features(x), from_file.features(x))
+
+
 @pytest.mark.parametrize("name", list(bb.REGISTRY))
 def test_registry_preprocess_and_weights_file_are_keras_own(name):
     """Each entry's preprocessing is its keras.applications module's preprocess_input, and its weights file is the
