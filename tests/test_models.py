@@ -201,12 +201,6 @@ def test_bad_C(tmp_path, C, match):
         run_stack(tmp_path, C=C)
 
 
-def test_extraction_records_seconds(demo):
-    for path in demo["features"].glob("*.h5"):
-        with h5py.File(path, "r") as f:
-            assert f.attrs["extract_seconds"] > 0
-
-
 def test_fits_at_their_iteration_limit_are_one_line_not_python_warnings(tmp_path, monkeypatch, capsys):
     store = write_synthetic_store(tmp_path / "f", "s", classes=3, per_class=20)
     monkeypatch.setattr(M, "LOGREG_MAX_ITER", 2)
@@ -368,3 +362,11 @@ def test_stack_with_the_pool_level2_is_not_worse_than_its_best_member(tmp_path):
     assert kaggle_log_loss(y, stack.oof_) <= 1.02 * best + 0.005, (kaggle_log_loss(y, stack.oof_), best)
     full = M.CVLogReg(C="auto", grid=M.LEVEL2_C_GRID).fit(M.level2_inputs(stack.oof_level1_), y)
     assert kaggle_log_loss(y, full.oof_) > 1.02 * best + 0.005, (kaggle_log_loss(y, full.oof_), best)
+
+
+# Last in the file: the demo is built once per run by the first worker that needs it; tests before this one
+# run meanwhile instead of waiting on its lock.
+def test_extraction_records_seconds(demo):
+    for path in demo["features"].glob("*.h5"):
+        with h5py.File(path, "r") as f:
+            assert f.attrs["extract_seconds"] > 0

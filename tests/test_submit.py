@@ -221,17 +221,6 @@ def test_network_error_is_said_once(tmp_path, fake_kaggle, monkeypatch, capsys):
     assert "outdated API Version" in shown  # the tool's earlier lines are still shown
 
 
-def test_demo_submission_matches_its_sample(demo, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "submit.py"), "--run", str(demo["run"]),
-                           "--submissions-dir", str(tmp_path)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout.strip().splitlines()[-1]
-    written = pd.read_csv(out, dtype={"id": str})
-    sample = pd.read_csv(demo["data"] / "sample_submission.csv", dtype={"id": str})
-    assert list(written.columns) == list(sample.columns) and list(written.id) == list(sample.id)
-    validate(written, list(sample.id), list(sample.columns), "multiclass")
-
-
 def _predictions(run, rows):
     pd.DataFrame(rows, columns=["id", "x", "y"]).to_csv(run / "test_predictions.csv", index=False)
 
@@ -475,3 +464,16 @@ def test_unreadable_log_stops_submit_before_anything_is_written(tmp_path, fake_k
         assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
         assert proc.stderr.startswith(f"error: {subs / 'log.csv'}: ")
         assert [p.name for p in subs.iterdir()] == ["log.csv"]
+
+
+# Last in the file: the demo is built once per run by the first worker that needs it; tests before this one
+# run meanwhile instead of waiting on its lock.
+def test_demo_submission_matches_its_sample(demo, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "submit.py"), "--run", str(demo["run"]),
+                           "--submissions-dir", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.strip().splitlines()[-1]
+    written = pd.read_csv(out, dtype={"id": str})
+    sample = pd.read_csv(demo["data"] / "sample_submission.csv", dtype={"id": str})
+    assert list(written.columns) == list(sample.columns) and list(written.id) == list(sample.id)
+    validate(written, list(sample.id), list(sample.columns), "multiclass")
