@@ -207,7 +207,14 @@ def logreg_cv(X, y, *, folds: int = 5, seed: int = 0, C: float | str = LOGREG_C,
             "fold_estimators": [results[job][best][1] for job in range(folds)]}
 
 
-class CVLogReg(ClassifierMixin, BaseEstimator):
+class _ProbaClassifier(ClassifierMixin, BaseEstimator):
+    """A classifier whose prediction is the most probable of its ``classes_``."""
+
+    def predict(self, X):
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+
+class CVLogReg(_ProbaClassifier):
     """Standardised multinomial logistic regression that also keeps its out-of-fold probabilities (``oof_``) and
     fold models (``fold_estimators_``); ``C="auto"`` picks C from ``grid`` by CV on the rows it is fit on (``C_``,
     ``C_grid_``, ``C_edge_``)."""
@@ -240,11 +247,8 @@ class CVLogReg(ClassifierMixin, BaseEstimator):
         """The mean of the fold models' probabilities (the alternative to the refit, measured in BENCHMARKS.md)."""
         return np.mean([m.predict_proba(X) for m in self.fold_estimators_], axis=0)
 
-    def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
-
-class PCALightGBM(ClassifierMixin, BaseEstimator):
+class PCALightGBM(_ProbaClassifier):
     """LightGBM made practical on thousands of CNN dims: standardise, PCA, early stopping, then a refit.
 
     120 classes grow 120 trees a round; on 6,656 raw dims that is tens of minutes on 2 cores. PCA to
@@ -295,9 +299,6 @@ class PCALightGBM(ClassifierMixin, BaseEstimator):
     def predict_proba(self, X):
         return self.booster_.predict_proba(self.reduce_.transform(X).astype(np.float32))
 
-    def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
-
 
 def resolve_members(spec: list[str] | None, columns: dict, model: str) -> list[str]:
     """``--members``: each backbone's own logreg (``backbones`` or a backbone's name), the concatenated-features
@@ -321,7 +322,7 @@ def _member_label(name: str, columns: dict) -> str:
     return {"concat": "concatenated features logreg", "lgbm": "concatenated features lgbm"}.get(name, name + " logreg")
 
 
-class _Members(ClassifierMixin, BaseEstimator):
+class _Members(_ProbaClassifier):
     """Level 1 shared by stack, avg and blend: each member's model with its out-of-fold probabilities kept.
 
     ``level1_predict``: holdout and test rows from the members refit on every training row ("refit", what
@@ -358,9 +359,6 @@ class _Members(ClassifierMixin, BaseEstimator):
             out.append(m.predict_proba_folds(Xm) if folds else m.predict_proba(Xm))
         return out
 
-    def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
-
 
 def level2_inputs(probas: list[np.ndarray]) -> np.ndarray:
     """Level 2 sees clipped log-probabilities: on that scale a linear model can sharpen or soften a member (a power
@@ -368,7 +366,7 @@ def level2_inputs(probas: list[np.ndarray]) -> np.ndarray:
     return np.hstack([np.log(np.clip(p, LOG_CLIP, 1.0)) for p in probas])
 
 
-class LogPool(ClassifierMixin, BaseEstimator):
+class LogPool(_ProbaClassifier):
     """Level 2 that nests each member: log-linear pooling ``p(c | x) ∝ exp(sum_m a_m log p_m(c | x) + b_c)`` with
     member weights ``weights_ >= 0`` fitted to minimise log loss (``blend.pool_weights``).
 
@@ -406,9 +404,6 @@ class LogPool(ClassifierMixin, BaseEstimator):
 
     def predict_proba(self, X):
         return pool(self._logp(X), self.weights_, self.bias_)
-
-    def predict(self, X):
-        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
 
 
 class OOFStack(_Members):

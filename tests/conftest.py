@@ -124,7 +124,7 @@ def manifest(tmp_path) -> Path:
     return data / "manifest.csv"
 
 
-def make_weights_dir(folder: Path, names, size: int, models: dict | None = None) -> Path:
+def make_weights_dir(folder: Path, names, size: int, models: dict | None = None, seed: int = 1000) -> Path:
     """Keras's canonical notop weight files for ``names``, from seeded random models, in legacy HDF5 format; each
     model that wrote a file goes into ``models`` when given (a reference that needs no second build)."""
     import h5py
@@ -136,7 +136,7 @@ def make_weights_dir(folder: Path, names, size: int, models: dict | None = None)
     folder.mkdir(parents=True, exist_ok=True)
     for k, name in enumerate(names):
         spec = REGISTRY[name]
-        keras.utils.set_random_seed(1000 + k)
+        keras.utils.set_random_seed(seed + k)
         model = getattr(keras.applications, spec.constructor)(
             include_top=False, weights=None, input_shape=(size, size, 3), pooling="avg")
         with h5py.File(folder / spec.weights_file(size), "w") as f:
