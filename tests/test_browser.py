@@ -37,9 +37,12 @@ def chromium() -> str:
     return path
 
 
-@pytest.fixture
-def server(chromium, demo, tmp_path):
-    """`python serve.py --port 0` on the demo run; yields the URL it prints."""
+@pytest.fixture(scope="module")
+def server(chromium, demo, tmp_path_factory):
+    """`python serve.py --port 0` on the demo run; yields the URL it prints. One server for the module (each start
+    pays TensorFlow's import and the compile of every batch shape); the first-answer test runs first, so its first
+    photo is still the server's first forward pass."""
+    tmp_path = tmp_path_factory.mktemp("serve")
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--run", str(demo["run"]), "--port", "0"],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -90,45 +93,6 @@ def _offline_context(browser, blocked: list):
 
 
 @pytest.mark.slow
-def test_page_shows_predict_py_top_class_and_probability(chromium, demo, server, tmp_path):
-    from featstack.commands.predict import main as predict_main
-
-    photo = sorted((demo["data"] / "test").glob("*.jpg"))[0]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        predict_main(["--json", "--run", str(demo["run"]), str(photo)])
-    [record] = json.loads(out.getvalue())
-    top = record["predictions"][0]
-
-    blocked = []
-    with offline_page(chromium, blocked) as page:
-        page.goto(server)
-        page.set_input_files('[data-testid="file-input"]', str(photo))
-        page.wait_for_selector('[data-testid="prediction"]', timeout=120_000)
-        page.wait_for_function("document.querySelectorAll('[data-testid=example]').length === 0 || "
-                               "[...document.querySelectorAll('[data-testid=example]')].every(i => i.complete)")
-        rows = page.query_selector_all('[data-testid="prediction"]')
-        shown = [(r.get_attribute("data-class"), float(r.get_attribute("data-probability")), r.inner_text())
-                 for r in rows]
-        header, banner = page.inner_text("header"), page.is_visible('[data-testid="random-weights-banner"]')
-        title = page.title()
-        page.screenshot(path=str(tmp_path / "serve.png"))
-    if os.environ.get("FEATSTACK_SCREENSHOT"):
-        shutil.copy(tmp_path / "serve.png", Path(os.environ["FEATSTACK_SCREENSHOT"]))
-
-    assert len(shown) == 5
-    name, probability, text = shown[0]
-    assert name == top["class"] and abs(probability - top["probability"]) < 1e-5
-    assert name in text and f"{100 * top['probability']:.2f} %" in text
-    assert [s[1] for s in shown] == sorted((s[1] for s in shown), reverse=True)
-    report = json.loads((demo["run"] / "report.json").read_text())
-    assert f"holdout accuracy {report['holdout']['accuracy']:.4f}" in header and "Report" in header
-    assert banner  # the demo fixture's features come from random weights
-    assert "Which class is this?" in header and title == "featstack: which class is this?"  # digits, not breeds
-    assert blocked == []  # nothing was asked of another host
-
-
-@pytest.mark.slow
 def test_first_answer_docs_offline_and_error_cards(chromium, demo, server):
     """The first answer within 2x a later one (the forward pass is compiled before the URL is printed); /docs
     renders with the network blocked; a photo that cannot be read gets a card without a broken image, naming the
@@ -169,3 +133,42 @@ def test_first_answer_docs_offline_and_error_cards(chromium, demo, server):
     assert not progress_left  # every photo answered: the progress bar is gone
     assert "/api/predict" in docs_text and "featstack photo app" in docs_text
     assert blocked == []  # Swagger UI came from this server, not from a CDN
+
+
+@pytest.mark.slow
+def test_page_shows_predict_py_top_class_and_probability(chromium, demo, server, tmp_path):
+    from featstack.commands.predict import main as predict_main
+
+    photo = sorted((demo["data"] / "test").glob("*.jpg"))[0]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        predict_main(["--json", "--run", str(demo["run"]), str(photo)])
+    [record] = json.loads(out.getvalue())
+    top = record["predictions"][0]
+
+    blocked = []
+    with offline_page(chromium, blocked) as page:
+        page.goto(server)
+        page.set_input_files('[data-testid="file-input"]', str(photo))
+        page.wait_for_selector('[data-testid="prediction"]', timeout=120_000)
+        page.wait_for_function("document.querySelectorAll('[data-testid=example]').length === 0 || "
+                               "[...document.querySelectorAll('[data-testid=example]')].every(i => i.complete)")
+        rows = page.query_selector_all('[data-testid="prediction"]')
+        shown = [(r.get_attribute("data-class"), float(r.get_attribute("data-probability")), r.inner_text())
+                 for r in rows]
+        header, banner = page.inner_text("header"), page.is_visible('[data-testid="random-weights-banner"]')
+        title = page.title()
+        page.screenshot(path=str(tmp_path / "serve.png"))
+    if os.environ.get("FEATSTACK_SCREENSHOT"):
+        shutil.copy(tmp_path / "serve.png", Path(os.environ["FEATSTACK_SCREENSHOT"]))
+
+    assert len(shown) == 5
+    name, probability, text = shown[0]
+    assert name == top["class"] and abs(probability - top["probability"]) < 1e-5
+    assert name in text and f"{100 * top['probability']:.2f} %" in text
+    assert [s[1] for s in shown] == sorted((s[1] for s in shown), reverse=True)
+    report = json.loads((demo["run"] / "report.json").read_text())
+    assert f"holdout accuracy {report['holdout']['accuracy']:.4f}" in header and "Report" in header
+    assert banner  # the demo fixture's features come from random weights
+    assert "Which class is this?" in header and title == "featstack: which class is this?"  # digits, not breeds
+    assert blocked == []  # nothing was asked of another host

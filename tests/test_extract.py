@@ -11,14 +11,15 @@ import pandas as pd
 import pytest
 from filelock import FileLock
 
+from featstack.commands.extract import main as extract_main
 from featstack.errors import FeatstackError
 from featstack.extract import ExtractConfig, extract
 from featstack.paths import DatasetPaths
 from featstack.store import read_entry
 
-from conftest import ROOT, write_images
+from conftest import ROOT, run_main, write_images
 
-FAST = dict(backbones=["resnet50"], weights="random", image_size=75, progress=False)
+FAST = dict(backbones=["vgg16"], weights="random", image_size=32, progress=False)  # the quickest to build
 
 
 def cli(*args, check=True):
@@ -35,19 +36,18 @@ def entry_of(summary, k=0):
 
 def test_every_image_once_then_from_cache(tmp_path, cats_dogs):
     first = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, backbones=["resnet50", "vgg16"], weights="random",
-                                  image_size=75, progress=False))
+                                  image_size=32, progress=False))
     assert [j.extracted for j in first.jobs] == [16, 16]
     split = pd.read_csv(first.paths.split_csv, dtype=str)
     assert sorted(split.id) == sorted(entry_of(first).ids) == sorted(entry_of(first, 1).ids)
     assert set(split.split) == {"train", "holdout", "test"}
     again = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, backbones=["resnet50", "vgg16"], weights="random",
-                                  image_size=75, progress=False))
+                                  image_size=32, progress=False))
     assert [j.extracted for j in again.jobs] == [0, 0] and [j.cached for j in again.jobs] == [16, 16]
     assert all(j.backbone.model is None for j in again.jobs), "a fully cached rerun must not build models"
     assert np.array_equal(entry_of(again).features, entry_of(first).features)
 
 
-@pytest.mark.slow
 def test_other_configuration_is_a_new_entry(tmp_path, cats_dogs):
     a = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, **FAST))
     b = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, **{**FAST, "pooling": "max"}))
@@ -58,7 +58,6 @@ def test_other_configuration_is_a_new_entry(tmp_path, cats_dogs):
     assert not np.allclose(entry_of(a).features, entry_of(c).features)
 
 
-@pytest.mark.slow
 def test_incremental_append_keeps_split(tmp_path, cats_dogs):
     first = extract(ExtractConfig(cats_dogs, features_dir=tmp_path, **FAST))
     split_before = pd.read_csv(first.paths.split_csv, dtype=str)
@@ -81,13 +80,13 @@ def test_other_split_is_refused(tmp_path, cats_dogs):
         extract(ExtractConfig(cats_dogs, features_dir=tmp_path, holdout=0.2, **FAST))
 
 
-@pytest.mark.slow
-def test_bad_images_are_reported_not_fatal(tmp_path, cats_dogs):
+def test_bad_images_are_reported_not_fatal(tmp_path, cats_dogs, capsys):
     (cats_dogs / "train" / "cat.7.jpg").write_bytes(b"")
     (cats_dogs / "train" / "dog.7.jpg").write_text("not an image at all")
-    proc = cli("--data", cats_dogs, "--features-dir", tmp_path, "--backbones", "resnet50", "--weights", "random",
-               "--image-size", 75)
-    assert "2 bad" in proc.stdout
+    code, out, err = run_main(extract_main, ["--data", cats_dogs, "--features-dir", tmp_path, "--backbones",
+                                             "vgg16", "--weights", "random", "--image-size", 32, "--no-progress"],
+                              capsys)
+    assert code == 0 and "2 bad" in out, err
     bad = pd.read_csv(DatasetPaths.of(tmp_path, "catsdogs").bad_images_csv)
     assert sorted(bad.id) == ["cat.7", "dog.7"] and bad.reason.str.len().min() > 5
     entry = read_entry(next(DatasetPaths.of(tmp_path, "catsdogs").root.glob("*.h5")))
@@ -100,14 +99,14 @@ def test_bad_images_are_reported_not_fatal(tmp_path, cats_dogs):
     (["--data", "{data}", "--layout", "zip"], "--layout zip: unknown"),
     (["--data", "{data}", "--weights", "{tmp}"], "no resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 there"),
 ])
-def test_cli_errors_are_one_line_and_write_nothing(tmp_path, cats_dogs, args, match):
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path, cats_dogs, args, match, capsys):
     args = [a.format(tmp=tmp_path, data=cats_dogs) for a in args]
     if "--backbones" not in args:
         args += ["--backbones", "resnet50"]
-    proc = cli(*args, "--features-dir", tmp_path / "f", check=False)
-    assert proc.returncode == 2
-    err = proc.stderr.strip().splitlines()[-1]
-    assert err.startswith("error: ") and __import__("re").search(match, err), err
+    code, _, err = run_main(extract_main, [*args, "--features-dir", tmp_path / "f", "--no-progress"], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(match, lines[0]), err
     assert not list((tmp_path / "f").rglob("*.h5")) and not list((tmp_path / "f").rglob("split.csv"))
 
 
@@ -158,9 +157,10 @@ def test_kill_9_then_resume_gives_uninterrupted_features(tmp_path):
     proc.wait()
     shards = list(paths.root.glob(".shards/*/*.h5"))
     assert shards and not list(paths.root.glob("*.h5")), "killed before the merge: only shards exist"
-    cli(*args, "--features-dir", tmp_path / "killed")
-    extract(ExtractConfig(data, backbones=["resnet50", "vgg16"], weights="random", image_size=32, batch_size=4,
-                          shard_rows=4, features_dir=tmp_path / "clean", progress=False))  # the uninterrupted run
+    same = dict(backbones=["resnet50", "vgg16"], weights="random", image_size=32, batch_size=4, shard_rows=4,
+                progress=False)
+    extract(ExtractConfig(data, features_dir=tmp_path / "killed", **same))  # the rerun, in this process
+    extract(ExtractConfig(data, features_dir=tmp_path / "clean", **same))  # the uninterrupted run
     for killed in sorted(paths.root.glob("*.h5")):
         a = read_entry(killed)
         b = read_entry(tmp_path / "clean" / "big" / killed.name)
@@ -170,17 +170,15 @@ def test_kill_9_then_resume_gives_uninterrupted_features(tmp_path):
     assert not list(paths.root.glob(".shards/*/*")), "shards are merged and removed"
 
 
-@pytest.mark.slow
 def test_every_layout_extracts(tmp_path, dog_breed, folders, manifest):
     for data in (dog_breed, folders, manifest):
         s = extract(ExtractConfig(data, features_dir=tmp_path, holdout=0, **FAST))
         assert len(entry_of(s).ids) == s.images
 
 
-@pytest.mark.slow
 def test_real_kaggle_photos(tmp_path, shared_data):
     data = shared_data / "dogs-vs-cats-sample"
-    s = extract(ExtractConfig(data, features_dir=tmp_path, backbones=["resnet50"], weights="random", image_size=75,
+    s = extract(ExtractConfig(data, features_dir=tmp_path, backbones=["resnet50"], weights="random", image_size=32,
                               batch_size=64, progress=False))
     entry = entry_of(s)
     assert len(entry.ids) == 800 and len(s.bad) == 0
@@ -190,11 +188,10 @@ def test_real_kaggle_photos(tmp_path, shared_data):
     assert np.isfinite(entry.features).all() and entry.features.std(axis=0).mean() > 0
 
 
-@pytest.mark.slow
 def test_bf16_features_stay_close_to_float32(tmp_path, cats_dogs):
     from conftest import make_weights_dir
-    weights = make_weights_dir(tmp_path / "w", ["resnet50"], 64)
-    common = dict(backbones=["resnet50"], weights=str(weights), image_size=64, progress=False)
+    weights = make_weights_dir(tmp_path / "w", ["vgg16"], 32)  # the quickest to build and to run in bf16 on a CPU
+    common = dict(backbones=["vgg16"], weights=str(weights), image_size=32, progress=False)
     f32 = extract(ExtractConfig(cats_dogs, features_dir=tmp_path / "f", **common))
     bf16 = extract(ExtractConfig(cats_dogs, features_dir=tmp_path / "f", precision="bf16", **common))
     a, b = entry_of(f32), entry_of(bf16)

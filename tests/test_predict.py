@@ -1,18 +1,17 @@
 """predict.py: the run's own pipeline, proven by reproducing its holdout predictions; refusals and bad photos."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from featstack.commands.predict import main as predict_main
 from featstack.errors import FeatstackError
 from featstack.extract import ExtractConfig, extract
 from featstack.predict import Predictor
 from featstack.stack import run_stack
 
-from conftest import ROOT, make_weights_dir
+from conftest import make_weights_dir, run_main
 
 
 def test_holdout_photos_reproduce_holdout_predictions(demo):
@@ -25,23 +24,19 @@ def test_holdout_photos_reproduce_holdout_predictions(demo):
     np.testing.assert_allclose(got, holdout[classes].to_numpy(), atol=2e-5)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "predict.py"), *map(str, args)], capture_output=True, text=True)
-
-
-@pytest.mark.slow
-def test_cli_top5_json_and_a_bad_photo(demo, tmp_path):
+def test_cli_top5_json_and_a_bad_photo(demo, tmp_path, capsys):
+    # main() in this process: predict.py only calls it, and a subprocess would pay TensorFlow's import again.
     photos = sorted((demo["data"] / "test").glob("*.jpg"))[:3]
-    proc = _cli(*photos, "--run", demo["run"])
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
+    code, out, err = run_main(predict_main, [*photos, "--run", demo["run"]], capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith(str(photos[0])) and lines[0].count(" | ") == 4
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff garbage")
-    proc = _cli(photos[0], bad, photos[1], "--run", demo["run"], "--json")
-    assert proc.returncode == 1
-    assert f"error: {bad}: cannot read this photo" in proc.stderr
-    records = json.loads(proc.stdout)
+    code, out, err = run_main(predict_main, [photos[0], bad, photos[1], "--run", demo["run"], "--json"], capsys)
+    assert code == 1
+    assert f"error: {bad}: cannot read this photo" in err
+    records = json.loads(out)
     assert [r["path"] for r in records] == [str(photos[0]), str(bad), str(photos[1])]
     good = [r for r in records if "predictions" in r]
     assert len(good) == 2 and "error" in records[1]
@@ -57,21 +52,20 @@ def test_folder_argument_means_every_image(demo):
     assert predictor.backbones[0].model is not None  # models are built once, at load
 
 
-@pytest.mark.slow
 def test_refuses_other_weights(tmp_path, cats_dogs):
-    weights = make_weights_dir(tmp_path / "w", ["resnet50"], 32)
-    s = extract(ExtractConfig(cats_dogs, backbones=["resnet50"], weights=str(weights), image_size=32,
+    weights = make_weights_dir(tmp_path / "w", ["vgg16"], 32)
+    s = extract(ExtractConfig(cats_dogs, backbones=["vgg16"], weights=str(weights), image_size=32,
                               features_dir=tmp_path / "f", holdout=0, progress=False))
     run = run_stack(s.paths.root, folds=2, models_dir=tmp_path / "m")
     Predictor(run)  # the same weights: accepted
     file = next(weights.iterdir())
-    make_weights_dir(tmp_path / "other", ["resnet50"], 32, seed=2000)  # another seed, the same canonical name
+    make_weights_dir(tmp_path / "other", ["vgg16"], 32, seed=2000)  # another seed, the same canonical name
     file.write_bytes((tmp_path / "other" / file.name).read_bytes())
     with pytest.raises(FeatstackError,
-                       match=r"resnet50: .* has sha256 .* but the run was trained on weights with sha256"):
+                       match=r"vgg16: .* has sha256 .* but the run was trained on weights with sha256"):
         Predictor(run)
     file.unlink()
     with pytest.raises(FeatstackError,
-                       match=r"resnet50: weights file resnet50_weights_tf_dim_ordering_tf_kernels_notop\.h5 "
+                       match=r"vgg16: weights file vgg16_weights_tf_dim_ordering_tf_kernels_notop\.h5 "
                              r"is missing"):
         Predictor(run)

@@ -9,12 +9,13 @@ import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, classification_report, log_loss, top_k_accuracy_score
 
+from featstack.commands.stack import main as stack_main
 from featstack.errors import FeatstackError
 from featstack.paths import RunPaths
 from featstack.stack import list_runs, run_stack
 from featstack.synthetic import write_synthetic_store
 
-from conftest import ROOT, set_attrs
+from conftest import ROOT, run_main, set_attrs
 
 FILES = ["model.joblib", "config.json", "oof_predictions.csv", "holdout_predictions.csv", "test_predictions.csv",
          "report.json", "report.md", "confusion.png"]
@@ -157,18 +158,19 @@ def test_refuses_to_mix_configurations(tmp_path, store):
         run_stack(store.root, models_dir=tmp_path)
 
 
-def test_cli_last_line_is_run_folder_and_list_is_best_first(tmp_path, store):
-    out = []
-    for model in ("avg", "logreg"):
-        proc = subprocess.run([sys.executable, str(ROOT / "stack.py"), "--features", str(store.root), "--model", model,
-                               "--models-dir", str(tmp_path)], capture_output=True, text=True, check=True)
-        out.append(proc.stdout.strip().splitlines()[-1])
-    assert all((tmp_path / o.split("/")[-1] / "report.json").exists() for o in out)
+def test_cli_last_line_is_run_folder_and_list_is_best_first(tmp_path, store, capsys):
+    # The script once as a subprocess (what a shell's $(stack.py ... | tail -1) reads), then main() in this process.
+    proc = subprocess.run([sys.executable, str(ROOT / "stack.py"), "--features", str(store.root), "--model", "avg",
+                           "--models-dir", str(tmp_path)], capture_output=True, text=True, check=True)
+    out = [proc.stdout.strip().splitlines()[-1]]
+    code, stdout, _ = run_main(stack_main, ["--features", store.root, "--model", "logreg", "--models-dir", tmp_path],
+                               capsys)
+    out.append(stdout.strip().splitlines()[-1])
+    assert code == 0 and all((tmp_path / o.split("/")[-1] / "report.json").exists() for o in out)
     table = list_runs(tmp_path, store.root)
     assert list(table.cv_log_loss) == sorted(table.cv_log_loss) and len(table) == 2
-    proc = subprocess.run([sys.executable, str(ROOT / "stack.py"), "--list", "--models-dir", str(tmp_path)],
-                          capture_output=True, text=True, check=True)
-    assert "cv_log_loss" in proc.stdout and all(o.split("/")[-1] in proc.stdout for o in out)
+    code, stdout, _ = run_main(stack_main, ["--list", "--models-dir", tmp_path], capsys)
+    assert code == 0 and "cv_log_loss" in stdout and all(o.split("/")[-1] in stdout for o in out)
 
 
 def test_stack_members_level2_and_progress_in_console_and_report(tmp_path, store, capsys):
