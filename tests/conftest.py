@@ -19,10 +19,11 @@ SESSION_MARK = "FEATSTACK_TEST_SESSION"  # inherited by xdist workers and the lo
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-# An interrupted run must leave no worker processes behind. joblib's loky workers (scikit-learn, cleanlab) outlive a
-# pytest-xdist worker that is torn down hard when the run is interrupted: they idle for minutes, orphaned. So the
-# process that runs the session (the xdist controller, or the single process with -n 0) marks its environment, turns
-# SIGTERM into an interrupt, and at the end, interrupted or not, ends the loky processes carrying its mark.
+# An interrupted run must leave no processes behind. joblib's loky workers (scikit-learn, cleanlab), and the servers
+# and commands tests start, outlive a pytest-xdist worker that is torn down hard when the run is interrupted:
+# orphaned, they idle for minutes (a server, for ever). So the process that runs the session (the xdist controller,
+# or the single process with -n 0) marks its environment, turns SIGTERM into an interrupt, and at the end,
+# interrupted or not, ends every other process carrying its mark.
 def pytest_configure(config):
     if hasattr(config, "workerinput"):
         return  # an xdist worker: the controller marked the environment it inherited
@@ -57,19 +58,19 @@ def pytest_unconfigure(config):
     if executor is not None and getattr(executor, "_executor", None) is not None:
         executor._executor.shutdown(wait=False, kill_workers=True)  # this process's own loky workers
     if not hasattr(config, "workerinput"):
-        end_marked_processes(os.environ.get(SESSION_MARK), "loky")
+        end_marked_processes(os.environ.get(SESSION_MARK))
 
 
-def end_marked_processes(mark: str | None, name: str) -> list[int]:
-    """End the processes whose command line holds ``name`` and whose environment holds this session's mark."""
+def end_marked_processes(mark: str | None) -> list[int]:
+    """End every other process whose environment holds this session's mark: loky workers, and whatever a test
+    started (a serve.py, an extract_features.py, a browser) whose xdist worker was killed before its teardown."""
     import psutil
     if not mark:
         return []
     ours = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
+    for proc in psutil.process_iter(["pid"]):
         try:
-            if proc.pid != os.getpid() and name in " ".join(proc.info["cmdline"] or ()) and \
-                    proc.environ().get(SESSION_MARK) == mark:
+            if proc.pid != os.getpid() and proc.environ().get(SESSION_MARK) == mark:
                 proc.terminate()
                 ours.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
