@@ -42,15 +42,21 @@ def blend(probas: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
     return sum(w * p for w, p in zip(weights, probas))
 
 
+def fold_wise(fit, apply, shape: tuple[int, int], splits) -> tuple[np.ndarray, list]:
+    """A combination's own CV: ``fit(rows)`` on the other folds' rows, ``apply(rows, fitted)`` to this fold's rows
+    only. Returns the out-of-fold probabilities (``shape``) and what each fold fitted."""
+    out = np.zeros(shape, dtype=np.float64)
+    fitted = []
+    for train, valid in splits:
+        fitted.append(fit(train))
+        out[valid] = apply(valid, fitted[-1])
+    return out, fitted
+
+
 def blend_oof(probas: list[np.ndarray], y: np.ndarray, splits) -> tuple[np.ndarray, list[np.ndarray]]:
     """The blend's own CV: weights fitted on the other folds' OOF rows, applied to this fold's rows only."""
-    out = np.zeros_like(probas[0], dtype=np.float64)
-    fold_weights = []
-    for train, valid in splits:
-        w = blend_weights([p[train] for p in probas], y[train])
-        out[valid] = blend([p[valid] for p in probas], w)
-        fold_weights.append(w)
-    return out, fold_weights
+    return fold_wise(lambda rows: blend_weights([p[rows] for p in probas], y[rows]),
+                     lambda rows, w: blend([p[rows] for p in probas], w), probas[0].shape, splits)
 
 
 def pool_weights(logp: np.ndarray, y: np.ndarray, class_bias: bool = False,

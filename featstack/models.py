@@ -18,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from .blend import blend, blend_oof, blend_weights, pool, pool_weights
+from .blend import blend, blend_oof, blend_weights, fold_wise, pool, pool_weights
 from .errors import FeatstackError
 from .reports import kaggle_log_loss
 
@@ -390,12 +390,10 @@ class LogPool(_ProbaClassifier):
         self.classes_, y_index = np.unique(y, return_inverse=True)
         self.n_classes_ = len(self.classes_)
         logp = self._logp(X)
-        self.oof_ = np.zeros((len(y), self.n_classes_))
-        self.fold_weights_ = []
-        for train, valid in _folds(self.folds, self.seed).split(logp, y_index):
-            a, b = pool_weights(logp[train], y_index[train], self.class_bias)
-            self.oof_[valid] = pool(logp[valid], a, b)
-            self.fold_weights_.append(a)
+        self.oof_, fitted = fold_wise(lambda rows: pool_weights(logp[rows], y_index[rows], self.class_bias),
+                                      lambda rows, ab: pool(logp[rows], *ab), (len(y), self.n_classes_),
+                                      _folds(self.folds, self.seed).split(logp, y_index))
+        self.fold_weights_ = [a for a, _ in fitted]
         self.weights_, self.bias_ = pool_weights(logp, y_index, self.class_bias)
         return self
 
