@@ -67,9 +67,17 @@ def build_config(a: argparse.Namespace):
         progress=not a.no_progress)
 
 
+def check_image_size(a: argparse.Namespace) -> None:
+    """--image-size against the backbones it applies to, the demo's included: 0 may not fall back to a default."""
+    from ..backbones import DEFAULT_BACKBONES, check_image_size
+    from ..demo import BACKBONES as DEMO_BACKBONES
+    check_image_size(a.image_size, comma_list(a.backbones) or list(DEMO_BACKBONES if a.demo else DEFAULT_BACKBONES))
+
+
 def main(argv=None, prog=None):
     a = parse_args(argv, prog)
     from ..extract import extract
+    run_main(check_image_size, a)
     summary = run_main(extract, build_config(a))
     if a.summary_json:
         import json
