@@ -286,7 +286,14 @@ class Backbone:
                 raise FeatstackError(f"backbone {self.model_path}: no global-pooling layer; name the feature layer "
                                      f"as PATH:LAYER_NAME (reachable: {_listing(reachable)})")
             path = pools[-1]
-        output = _output_in(full, path.split("/"), full.inputs[0])
+        try:
+            output = _output_in(full, path.split("/"), full.inputs[0])
+        except FeatstackError:
+            raise
+        except Exception as exc:  # a layer Keras cannot cut the model at (an input, a multi-output block...)
+            cause = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+            raise FeatstackError(f"backbone {self.model_path}:{path}: the model cannot be cut at this layer ({cause})"
+                                 "; name another layer") from None
         asking = self.readout == ASK
         where = f"{self.model_path}:{path}" if self.layer else f"{self.model_path} (its layer {path!r} by default)"
         try:
