@@ -266,6 +266,16 @@ def test_model_file_pooling_is_what_is_done_or_refused(tmp_path):
     for name in (f"{seq}:tinybase/stem_relu", f"{seq}:stem_relu"):
         b = bb.resolve([name], preprocess_mode="tf", pooling="max")[0]
         assert (b.pooling, b.readout, b.width) == ("max", "pooled", 8)
+    # An inner name that two nested models share is named by its path
+    twins = tmp_path / "twins.keras"
+    inputs = keras.Input((40, 40, 3))
+    outputs = [keras.Sequential([keras.Input((40, 40, 3)), keras.layers.Conv2D(2, 3, name="conv")], name=n)(inputs)
+               for n in ("left", "right")]
+    keras.Model(inputs, keras.layers.Concatenate()(outputs)).save(twins)
+    with pytest.raises(FeatstackError, match=r"layer 'conv' is in several nested models; name one of left/conv, "
+                                             r"right/conv$"):
+        bb.resolve([f"{twins}:conv"], preprocess_mode="tf")
+    assert bb.resolve([f"{twins}:right/conv"], preprocess_mode="tf")[0].width == 2
 
 
 def test_a_model_file_backbone_is_rebuilt_from_its_feature_file_attributes(tmp_path):
