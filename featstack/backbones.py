@@ -207,6 +207,8 @@ class Backbone:
         if self.model is not None:
             return
         key = self._built_key()
+        if key in BUILT_MODELS and self.width and BUILT_MODELS[key][0].output_shape[-1] != self.width:
+            key = None  # a model file's old feature file (flattened map) beside a new one (pooled) of one layer
         if key in BUILT_MODELS:
             BUILT_MODELS.move_to_end(key)
             self.model, self.registers, self.input_size, self.pooling, self.readout = BUILT_MODELS[key]

@@ -71,7 +71,7 @@ def build_config(a: argparse.Namespace):
         progress=not a.no_progress)
 
 
-def check_image_size(a: argparse.Namespace) -> None:
+def check_options(a: argparse.Namespace) -> None:
     """--image-size against the backbones it applies to, the demo's included: 0 may not fall back to a default."""
     from ..backbones import DEFAULT_BACKBONES, check_image_size
     from ..demo import BACKBONES as DEMO_BACKBONES
@@ -81,7 +81,7 @@ def check_image_size(a: argparse.Namespace) -> None:
 def main(argv=None, prog=None):
     a = parse_args(argv, prog)
     from ..extract import extract
-    run_main(check_image_size, a)
+    run_main(check_options, a)
     summary = run_main(extract, build_config(a))
     if a.summary_json:
         import json
