@@ -23,6 +23,9 @@ BUILT_MODELS_MAX = 8
 
 PREPROCESS_MODES = ("tf", "caffe", "torch", "none")
 POOLINGS = ("avg", "max")
+# A model file's layer that already gives vectors (a Dense or Flatten output): recorded as pooled by nothing.
+NO_POOLING = "none"
+ASK = "ask"  # a model file's readout before it is loaded: decided by its layer and --pooling
 TTAS = ("none", "flip")
 PRECISIONS = ("float32", "bf16")
 MODEL_FILE_SUFFIXES = (".keras", ".h5")
@@ -91,6 +94,8 @@ def identity_of(attrs: dict) -> dict:
         ident["weights_sha256"] = attrs.get("weights_sha256")
     if attrs.get("layer"):
         ident["layer"] = attrs["layer"]
+    if attrs.get("readout"):  # model files only: entries made before it was recorded may misstate their pooling
+        ident["readout"] = attrs["readout"]
     return ident
 
 
@@ -140,6 +145,9 @@ class Backbone:
     seed: int = 0
     model_path: str | None = None  # a user's saved Keras model
     layer: str | None = None
+    # A model file's: "layer" (the layer's own output, a vector or the model's own global pooling) or "pooled"
+    # (its feature map pooled here with ``pooling``); decided when the file is loaded, as is ``pooling``.
+    readout: str | None = None
     width: int | None = None
     batch_rows: int | None = None  # shorter batches are padded to this many rows (see features)
     preset: str | None = None  # a keras-hub preset (name or folder), as given after hub:
@@ -165,7 +173,8 @@ class Backbone:
             "pooling": self.pooling, "tta": self.tta, "precision": self.precision, "weights": self.weights,
             "preset": self.preset, "resize": str(self.hub_facts.resize) if self.preset else None,
             "weights_seed": self.seed, "keras_backend": keras.backend.backend(),  # each backend draws its own
-            "weights_file": self.weights_file, "weights_sha256": self.weights_sha256, "layer": self.layer})
+            "weights_file": self.weights_file, "weights_sha256": self.weights_sha256, "layer": self.layer,
+            "readout": self.readout})
 
     @property
     def entry(self) -> str:
@@ -198,15 +207,20 @@ class Backbone:
         if self.model is not None:
             return
         key = self._built_key()
+        if key in BUILT_MODELS and self.width and BUILT_MODELS[key][0].output_shape[-1] != self.width:
+            key = None  # a model file's old feature file (flattened map) beside a new one (pooled) of one layer
         if key in BUILT_MODELS:
             BUILT_MODELS.move_to_end(key)
-            self.model, self.registers, self.input_size = BUILT_MODELS[key]
+            self.model, self.registers, self.input_size, self.pooling, self.readout = BUILT_MODELS[key]
         else:
             self._build()
-            if key is not None:
-                BUILT_MODELS[key] = (self.model, self.registers, self.input_size)
-                while len(BUILT_MODELS) > BUILT_MODELS_MAX:
-                    BUILT_MODELS.popitem(last=False)
+            # A model file's pooling and input size are known once it is loaded: kept under the configuration as
+            # asked and as resolved, so either finds it again.
+            for k in dict.fromkeys((key, self._built_key())):
+                if k is not None:
+                    BUILT_MODELS[k] = (self.model, self.registers, self.input_size, self.pooling, self.readout)
+            while len(BUILT_MODELS) > BUILT_MODELS_MAX:
+                BUILT_MODELS.popitem(last=False)
         self.width = int(self.model.output_shape[-1])
 
     def _build(self) -> None:
@@ -265,21 +279,42 @@ class Backbone:
         except Exception as exc:
             raise FeatstackError(f"backbone {self.model_path}: cannot load it as a Keras model "
                                  f"({str(exc)[:200]})") from None
+        reachable = _reachable_layers(full)
         if self.layer:
-            try:
-                layer = full.get_layer(self.layer)
-            except ValueError:
-                names = ", ".join(l.name for l in full.layers[-8:])
-                raise FeatstackError(f"backbone {self.model_path}: no layer {self.layer!r}; "
-                                     f"last layers: {names}") from None
+            path = _find_layer(reachable, self.layer, self.model_path)
         else:
-            pools = [l for l in full.layers
-                     if type(l).__name__.startswith(("GlobalAveragePooling", "GlobalMaxPooling"))]
+            pools = [p for p, l in reachable.items() if _own_pooling(l)]
             if not pools:
                 raise FeatstackError(f"backbone {self.model_path}: no global-pooling layer; name the feature layer "
-                                     "as PATH:LAYER_NAME")
-            layer = pools[-1]
-        model = keras.Model(full.inputs, layer.output)
+                                     f"as PATH:LAYER_NAME (reachable: {_listing(reachable)})")
+            path = pools[-1]
+        try:
+            output = _output_in(full, path.split("/"), full.inputs[0])
+        except FeatstackError:
+            raise
+        except Exception as exc:  # a layer Keras cannot cut the model at (an input, a multi-output block...)
+            cause = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+            raise FeatstackError(f"backbone {self.model_path}:{path}: the model cannot be cut at this layer ({cause})"
+                                 "; name another layer") from None
+        asking = self.readout == ASK
+        where = f"{self.model_path}:{path}" if self.layer else f"{self.model_path} (its layer {path!r} by default)"
+        try:
+            pooling, readout, pool = _readout(output, reachable[path], self.pooling or None, where,
+                                              lambda: f"{self.model_path}:{_pooled_input(full, path, reachable)}")
+        except FeatstackError:
+            if asking:
+                raise
+            pooling, readout, pool = self.pooling, None, None
+        if pool is not None and not asking and self.width and self.width != output.shape[-1]:
+            pool = readout = None  # flattened as the layer gave it
+        if not asking and readout is None:
+            # Rebuilt from a feature file made before the readout was recorded: its vectors are the layer's output
+            # as it was (pooled only by the model itself, whatever its ``pooling`` says), and so are these.
+            pooling = self.pooling
+        if pool is not None:
+            output = pool()(output)
+        self.pooling, self.readout = pooling, readout
+        model = keras.Model(full.inputs, output)
         shape = model.input_shape
         if shape[1] is not None:
             self.input_size = int(shape[1])
@@ -343,8 +378,9 @@ def resolve(names: list[str], *, weights: str = "imagenet", image_size: int | No
             tta: str = "none", preprocess_mode: str | None = None, precision: str = "float32",
             seed: int = 0) -> list[Backbone]:
     """Backbone configurations for command-line names; unknown names list the valid ones."""
-    if pooling is not None and pooling not in (*POOLINGS, *hub.POOLINGS):
-        raise FeatstackError(f"--pooling {pooling}: choose one of avg, max (hub: encoders: also token, pooled)")
+    if pooling is not None and pooling not in (*POOLINGS, *hub.POOLINGS, NO_POOLING):
+        raise FeatstackError(f"--pooling {pooling}: choose one of avg, max (hub: encoders: also token, pooled; "
+                             "a model file's vector layer: none)")
     for option, value, valid in (("--tta", tta, TTAS), ("--precision", precision, PRECISIONS)):
         if value not in valid:
             raise FeatstackError(f"{option} {value}: choose one of {', '.join(valid)}")
@@ -352,6 +388,7 @@ def resolve(names: list[str], *, weights: str = "imagenet", image_size: int | No
         raise FeatstackError(f"--preprocess {preprocess_mode}: choose one of tf, caffe, torch")
     if not names:
         raise FeatstackError("--backbones: name at least one backbone")
+    check_image_size(image_size, names)
     if len(set(names)) != len(names):
         raise FeatstackError(f"--backbones {','.join(names)}: a backbone is named twice")
     out = []
@@ -359,19 +396,18 @@ def resolve(names: list[str], *, weights: str = "imagenet", image_size: int | No
         if hub.is_hub(name):
             out.append(_hub_backbone(name.removeprefix(hub.PREFIX), weights, pooling, tta, precision, seed))
             continue
-        if pooling not in (None, *POOLINGS):
-            raise FeatstackError(f"--pooling {pooling}: {name} pools avg or max ({pooling} is for hub: encoders)")
-        pooling_ = pooling or "avg"
-        if is_model_file(name):
-            out.append(_model_file_backbone(name, image_size, pooling_, tta, preprocess_mode, precision, seed))
+        if is_model_file(name) and pooling in (None, *POOLINGS, NO_POOLING):
+            out.append(_model_file_backbone(name, image_size, pooling, tta, preprocess_mode, precision, seed))
             continue
+        if pooling not in (None, *POOLINGS):
+            what = "a model file's vector layer" if pooling == NO_POOLING else "hub: encoders"
+            raise FeatstackError(f"--pooling {pooling}: {name} pools avg or max ({pooling} is for {what})")
+        pooling_ = pooling or "avg"
         spec = REGISTRY.get(name)
         if spec is None:
             raise FeatstackError(f"--backbones: unknown backbone {name!r}; valid: {', '.join(REGISTRY)} "
                                  "or a path to a .keras/.h5 model file")
         size = image_size or spec.input_size
-        if size < spec.min_size:
-            raise FeatstackError(f"--image-size {size}: {name} needs at least {spec.min_size} px")
         b = Backbone(name=name, input_size=size, preprocess=spec.preprocess, pooling=pooling_, tta=tta,
                      precision=precision, weights=weights, seed=seed, width=spec.width)
         _resolve_weights(b, spec.weights_file(size))
@@ -380,6 +416,17 @@ def resolve(names: list[str], *, weights: str = "imagenet", image_size: int | No
     for b in out:
         b.imagenet_files = files
     return out
+
+
+def check_image_size(image_size, names: list[str]) -> None:
+    """--image-size is a whole number of pixels, at least the largest minimum of the registry backbones named."""
+    if image_size is None:
+        return
+    floors = {n: REGISTRY[n].min_size for n in names if n in REGISTRY}
+    who = max(floors, key=floors.get, default=None)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < (floors.get(who) or 1):
+        raise FeatstackError(f"--image-size {image_size}: {who} needs at least {floors[who]} px" if who else
+                             f"--image-size {image_size}: give a positive whole number of pixels")
 
 
 def _hub_backbone(preset: str, weights: str, pooling: str | None, tta: str, precision: str, seed: int) -> Backbone:
@@ -422,10 +469,122 @@ def _model_file_backbone(name, image_size, pooling, tta, preprocess_mode, precis
     if preprocess_mode is None:
         raise FeatstackError(f"--backbones {name}: a model-file backbone needs --preprocess tf|caffe|torch "
                              "(the preprocessing it was trained with)")
-    stem = Path(path).stem + (f"-{layer}" if layer else "")
-    b = Backbone(name=stem, input_size=image_size or 224, preprocess=preprocess_mode, pooling=pooling, tta=tta,
+    stem = Path(path).stem + (f"-{layer.replace('/', '.')}" if layer else "")
+    b = Backbone(name=stem, input_size=image_size or 224, preprocess=preprocess_mode, pooling=pooling or "", tta=tta,
                  precision=precision, weights="file", weights_file=str(Path(path).resolve()),
-                 weights_sha256=sha256_of(path), seed=seed, model_path=str(Path(path).resolve()), layer=layer or None)
-    if image_size is None:
-        b.build()  # the input size comes from the model itself
+                 weights_sha256=sha256_of(path), seed=seed, model_path=str(Path(path).resolve()), layer=layer or None,
+                 readout=ASK)
+    # Loaded now: the layer (its pooling, or none) and the model's own input size are part of the cache identity.
+    b.build()
     return b
+
+
+def _reachable_layers(model, prefix: str = "") -> dict:
+    """Every layer by its path, a nested model's own layers under ``base/`` (a transfer-learning model's base)."""
+    import keras
+    out = {}
+    for layer in model.layers:
+        out[prefix + layer.name] = layer
+        if isinstance(layer, keras.Model):
+            out |= _reachable_layers(layer, f"{prefix}{layer.name}/")
+    return out
+
+
+def _listing(reachable: dict, most: int = 30) -> str:
+    """The reachable layer paths, the first and last of a long model (its features are near the end)."""
+    names = list(reachable)
+    shown = names if len(names) <= most else [*names[:4], f"... ({len(names) - most} more) ...", *names[4 - most:]]
+    return ", ".join(shown)
+
+
+def _find_layer(reachable: dict, wanted: str, model_path: str) -> str:
+    """The path of a named layer: as written (``base/layer``), or a nested layer's own name where only one has it."""
+    if wanted in reachable:
+        return wanted
+    hits = [p for p in reachable if p.rsplit("/", 1)[-1] == wanted]
+    if len(hits) == 1:
+        return hits[0]
+    if hits:
+        raise FeatstackError(f"backbone {model_path}: layer {wanted!r} is in several nested models; name one of "
+                             f"{', '.join(hits)}")
+    raise FeatstackError(f"backbone {model_path}: no layer {wanted!r}; reachable layers: {_listing(reachable)}")
+
+
+def _own_pooling(layer) -> str | None:
+    kind = type(layer).__name__
+    return "avg" if kind.startswith("GlobalAveragePooling") else "max" if kind.startswith("GlobalMaxPooling") else None
+
+
+def _readout(output, layer, asked: str | None, where: str, pooled_input: Callable[[], str]):
+    """What a model file's layer gives: (pooling recorded, readout, the Keras pooling layer to add or None).
+
+    The model's own global pooling is its kind, a vector is pooled by nothing, a feature map is pooled here (avg
+    unless asked); a --pooling that cannot be what is done is refused, never recorded.
+    """
+    import keras
+    own = _own_pooling(layer)
+    if own:
+        if asked not in (None, own):
+            raise FeatstackError(f"--pooling {asked}: {where} already {own}-pools; to {asked}-pool instead, name the "
+                                 f"layer it pools: --backbones {pooled_input()} --pooling {asked}")
+        return own, "layer", None
+    rank = len(output.shape)
+    if rank == 2:
+        if asked not in (None, NO_POOLING):
+            raise FeatstackError(f"--pooling {asked}: {where} gives vectors (width {output.shape[-1]}), not a feature "
+                                 "map to pool; drop --pooling, or name a convolutional layer")
+        return NO_POOLING, "layer", None
+    if asked == NO_POOLING:
+        raise FeatstackError(f"--pooling none: {where} gives a feature map of shape {tuple(output.shape[1:])}; pool "
+                             "it with --pooling avg or max")
+    pooling = asked or "avg"
+    pools = {(3, "avg"): keras.layers.GlobalAveragePooling1D, (3, "max"): keras.layers.GlobalMaxPooling1D,
+             (4, "avg"): keras.layers.GlobalAveragePooling2D, (4, "max"): keras.layers.GlobalMaxPooling2D,
+             (5, "avg"): keras.layers.GlobalAveragePooling3D, (5, "max"): keras.layers.GlobalMaxPooling3D}
+    if (rank, pooling) not in pools:
+        raise FeatstackError(f"backbone {where}: its output of shape {tuple(output.shape[1:])} is not a feature map "
+                             "for Keras's global pooling; name another layer")
+    return pooling, "pooled", pools[rank, pooling]
+
+
+def _graph(model):
+    return getattr(model, "_functional", None) or model  # a Sequential keeps its graph in a Functional
+
+
+def _node_in(container, layer, path: str):
+    """The one call of ``layer`` in ``container``'s own graph (a nested model also has nodes of its own graph)."""
+    graph = _graph(container)
+    nodes = [n for depth in graph._nodes_by_depth.values() for n in depth if n.operation is layer]
+    if len(nodes) != 1 or len(nodes[0].output_tensors) != 1 or len(graph.inputs) != 1:
+        raise FeatstackError(f"backbone layer {path!r}: called {len(nodes)} times or with several inputs or outputs "
+                             "in its model; name a layer with one image input and one output")
+    return nodes[0]
+
+
+def _output_in(container, path: list[str], inputs):
+    """``inputs`` (a tensor of the outer model) carried to the output of the layer at ``path`` inside ``container``.
+
+    A nested model's inner layers hang off its own Input, not the outer model's; so the outer layers up to the base
+    (rescaling, augmentation) are applied first, then the base's own layers up to the named one.
+    """
+    import keras
+    graph = _graph(container)
+    layer = container.get_layer(path[0])
+    node = _node_in(container, layer, "/".join(path))
+    if len(path) == 1:
+        return keras.Model(graph.inputs, node.output_tensors[0])(inputs)
+    fed = node.input_tensors[0]
+    if fed is not graph.inputs[0]:
+        inputs = keras.Model(graph.inputs, fed)(inputs)
+    return _output_in(layer, path[1:], inputs)
+
+
+def _pooled_input(full, path: str, reachable: dict) -> str:
+    """The path of the layer whose feature map a global-pooling layer pools (for a refusal's way on)."""
+    *outer, _ = path.split("/")
+    container = full
+    for part in outer:
+        container = container.get_layer(part)
+    node = _node_in(container, reachable[path], path)
+    source = node.input_tensors[0]._keras_history.operation
+    return next((p for p, l in reachable.items() if l is source and p.startswith("/".join(outer))), source.name)

@@ -82,6 +82,8 @@ def test_registry_preprocess_and_weights_file_are_keras_own(name):
     (["vgg16"], {"pooling": "mean"}, r"--pooling mean: choose one of avg, max"),
     (["vgg16"], {"weights": "/no/such/dir"}, r"--weights /no/such/dir: not imagenet, random, or an existing folder"),
     (["missing.keras"], {}, r"model file missing.keras not found"),
+    (["vgg16"], {"image_size": 0}, r"--image-size 0: vgg16 needs at least 32 px"),
+    (["missing.keras"], {"image_size": -1}, r"--image-size -1: give a positive whole number of pixels"),
 ])
 def test_bad_backbone_options(names, kwargs, match):
     with pytest.raises(FeatstackError, match=match):
@@ -177,3 +179,123 @@ def test_model_file_backbone_uses_its_pooling_layer(tmp_path, cats_dogs):
     ref = keras.ops.convert_to_numpy(base(keras.applications.mobilenet_v2.preprocess_input(img[None]),
                                           training=False))[0]
     assert np.linalg.norm(entry.features[0] - ref) / np.linalg.norm(ref) < 1e-4
+
+
+def transfer_learning_model(path, head_pool: str = "avg"):
+    """The Keras transfer-learning recipe on a tiny random base: outer rescaling, then the base called as a layer,
+    then the head's global pooling and classifier; saved to ``path``. Returns the base (for references)."""
+    import keras
+    keras.utils.set_random_seed(5)
+    i = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, name="stem")(i)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.ReLU(name="stem_relu")(x)
+    x = keras.layers.Conv2D(12, 3, activation="relu", name="top_conv")(x)
+    base = keras.Model(i, x, name="tinybase")
+    inputs = keras.Input((40, 40, 3))
+    x = keras.layers.Rescaling(2.0, name="outer_scale")(inputs)
+    x = base(x, training=False)
+    pool = {"avg": keras.layers.GlobalAveragePooling2D, "max": keras.layers.GlobalMaxPooling2D}[head_pool]
+    x = pool(name="head_pool")(x)
+    outputs = keras.layers.Dense(2, activation="softmax", name="head")(x)
+    keras.Model(inputs, outputs).save(path)
+    return base
+
+
+def images_as_extracted(folder, ids, size):
+    import keras
+    return np.stack([keras.utils.img_to_array(keras.utils.load_img(folder / f"{i}.jpg", target_size=(size, size),
+                                                                    interpolation="bilinear")) for i in ids])
+
+
+def test_nested_base_layer_of_a_model_file_is_pooled_as_asked_and_recorded(tmp_path, cats_dogs, capsys):
+    """`--backbones model.h5:BASE --pooling max` on a transfer-learning model file: the base's feature map through
+    the model's own outer layers, max-pooled by Keras's GlobalMaxPooling2D, recorded as max; avg is another entry."""
+    import keras
+
+    from featstack.commands.extract import main as extract_main
+
+    from conftest import run_main
+    path = tmp_path / "transfer.h5"
+    base = transfer_learning_model(path)
+    common = ["--data", cats_dogs, "--features-dir", tmp_path / "f", "--preprocess", "tf", "--no-progress"]
+    code, _, err = run_main(extract_main, [*common, "--backbones", f"{path}:tinybase", "--pooling", "max"], capsys)
+    assert code == 0, err
+    (max_file,) = (tmp_path / "f" / "catsdogs").glob("*.h5")
+    entry = read_entry(max_file)
+    assert entry.attrs["pooling"] == "max" and entry.attrs["layer"] == "tinybase" and entry.attrs["width"] == 12
+    x = keras.applications.imagenet_utils.preprocess_input(images_as_extracted(cats_dogs / "train", entry.ids[:4], 40),
+                                                            mode="tf")
+    ref = keras.ops.convert_to_numpy(keras.layers.GlobalMaxPooling2D()(base(x * 2.0, training=False)))
+    np.testing.assert_allclose(entry.features[:4], ref, rtol=1e-5, atol=1e-5)
+
+    # avg of the same layer is another cache entry, with its own vectors
+    code, _, err = run_main(extract_main, [*common, "--backbones", f"{path}:tinybase", "--pooling", "avg"], capsys)
+    assert code == 0, err
+    (avg_file,) = set((tmp_path / "f" / "catsdogs").glob("*.h5")) - {max_file}
+    avg = read_entry(avg_file)
+    assert avg.attrs["pooling"] == "avg" and list(avg.ids) == list(entry.ids)
+    ref = keras.ops.convert_to_numpy(keras.layers.GlobalAveragePooling2D()(base(x * 2.0, training=False)))
+    np.testing.assert_allclose(avg.features[:4], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_model_file_pooling_is_what_is_done_or_refused(tmp_path):
+    """The default layer's pooling is the model's own (a max-pooling head is recorded as max); a --pooling that the
+    named layer cannot do is one line naming the way on; a wrong name lists the nested layers too."""
+    import keras
+    path = tmp_path / "maxhead.keras"
+    transfer_learning_model(path, head_pool="max")
+    own = bb.resolve([str(path)], preprocess_mode="tf")[0]
+    assert (own.pooling, own.width, own.input_size) == ("max", 12, 40)
+    assert bb.resolve([str(path)], preprocess_mode="tf", pooling="max")[0].entry == own.entry
+    refusal = (r"--pooling avg: .*maxhead.keras \(its layer 'head_pool' by default\) already max-pools; "
+               r".*--backbones .*maxhead.keras:tinybase --pooling avg")
+    with pytest.raises(FeatstackError, match=refusal):
+        bb.resolve([str(path)], preprocess_mode="tf", pooling="avg")
+    head = bb.resolve([f"{path}:head"], preprocess_mode="tf")[0]
+    assert head.pooling == "none" and head.width == 2
+    with pytest.raises(FeatstackError, match=r"--pooling max: .*:head gives vectors \(width 2\), not a feature map"):
+        bb.resolve([f"{path}:head"], preprocess_mode="tf", pooling="max")
+    with pytest.raises(FeatstackError, match=r"no layer 'nope'; reachable layers: .*tinybase/stem_relu, "
+                                             r"tinybase/top_conv, head_pool, head$"):
+        bb.resolve([f"{path}:nope"], preprocess_mode="tf")
+    # A Sequential transfer-learning model reaches its base's layers in the same way
+    seq = tmp_path / "seq.h5"
+    keras.Sequential([keras.Input((40, 40, 3)), keras.models.load_model(path).get_layer("tinybase"),
+                      keras.layers.GlobalAveragePooling2D()]).save(seq)
+    for name in (f"{seq}:tinybase/stem_relu", f"{seq}:stem_relu"):
+        b = bb.resolve([name], preprocess_mode="tf", pooling="max")[0]
+        assert (b.pooling, b.readout, b.width) == ("max", "pooled", 8)
+    # An inner name that two nested models share is named by its path
+    twins = tmp_path / "twins.keras"
+    inputs = keras.Input((40, 40, 3))
+    outputs = [keras.Sequential([keras.Input((40, 40, 3)), keras.layers.Conv2D(2, 3, name="conv")], name=n)(inputs)
+               for n in ("left", "right")]
+    keras.Model(inputs, keras.layers.Concatenate()(outputs)).save(twins)
+    with pytest.raises(FeatstackError, match=r"layer 'conv' is in several nested models; name one of left/conv, "
+                                             r"right/conv$"):
+        bb.resolve([f"{twins}:conv"], preprocess_mode="tf")
+    assert bb.resolve([f"{twins}:right/conv"], preprocess_mode="tf")[0].width == 2
+
+
+def test_a_model_file_backbone_is_rebuilt_from_its_feature_file_attributes(tmp_path):
+    """predict.py rebuilds each backbone from what its feature file records: the same vectors, and for a file made
+    before the readout was recorded (whose pooling could misstate it), the vectors that file holds."""
+    from featstack.predict import backbone_from_attrs
+    path = tmp_path / "maxhead.keras"
+    transfer_learning_model(path, head_pool="max")
+    images = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
+    for name, pooling, legacy in ((str(path), None, "avg"), (f"{path}:tinybase", "max", None),
+                                  (f"{path}:head", None, "avg")):
+        made = bb.resolve([name], preprocess_mode="tf", pooling=pooling)[0]
+        attrs = made.attrs()
+        assert attrs["readout"] in ("layer", "pooled") and attrs["pooling"] == made.pooling != ""
+        again = backbone_from_attrs(attrs)
+        again.build()
+        assert (again.pooling, again.readout) == (made.pooling, made.readout)
+        np.testing.assert_array_equal(again.features(images), made.features(images))
+        if legacy:
+            old = backbone_from_attrs({**{k: v for k, v in attrs.items() if k != "readout"}, "pooling": legacy})
+            old.build()
+            assert old.pooling == legacy and old.readout is None
+            np.testing.assert_array_equal(old.features(images), made.features(images))

@@ -96,6 +96,11 @@ def test_bad_images_are_reported_not_fatal(tmp_path, cats_dogs, capsys):
     (["--data", "{data}", "--backbones", "nope"], "unknown backbone 'nope'"),
     (["--data", "{data}", "--layout", "zip"], "--layout zip: unknown"),
     (["--data", "{data}", "--weights", "{tmp}"], "no resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5 there"),
+    # --image-size 0 fell back to the backbone's default size (the demo's too) and ran at it
+    (["--data", "{data}", "--backbones", "vgg16,inception_v3", "--image-size", "0"],
+     r"^error: --image-size 0: inception_v3 needs at least 75 px$"),
+    (["--data", "{tmp}/demo", "--demo", "--weights", "random", "--image-size", "0"],
+     r"^error: --image-size 0: resnet50 needs at least 32 px$"),
 ])
 def test_cli_errors_are_one_line_and_write_nothing(tmp_path, cats_dogs, args, match, capsys):
     args = [a.format(tmp=tmp_path, data=cats_dogs) for a in args]

@@ -23,15 +23,19 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--layout", default="auto",
                    help="auto|dog-breed|cats-dogs|folders|stanford-dogs|manifest (default auto)")
     p.add_argument("--backbones", default=None,
-                   help="comma-separated registry names, .keras/.h5 model paths (PATH:LAYER for a named layer) or "
+                   help="comma-separated registry names, .keras/.h5 model paths (PATH:LAYER for a named layer, "
+                        "PATH:BASE/LAYER inside a nested base model; default: its last global-pooling layer) or "
                         "keras-hub presets (hub:dinov2_base, hub:/kaggle/input/FOLDER); "
                         "default xception,inception_v3,resnet50,vgg16")
     p.add_argument("--weights", default="imagenet", help="imagenet | random | DIR holding Keras's weight files")
     p.add_argument("--preprocess", default=None, help="tf|caffe|torch: preprocessing for model-file backbones")
-    p.add_argument("--image-size", type=int, default=None, help="override every backbone's input size (px)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="override every backbone's input size (px; at least its minimum, e.g. 75 for inception_v3)")
     p.add_argument("--pooling", default=None,
                    help="avg|max global pooling (default avg); hub: ViTs (DINOv2): default token (the class token), "
-                        "avg|max of the patch tokens; CLIP/SigLIP: their pooled image embedding")
+                        "avg|max of the patch tokens; CLIP/SigLIP: their pooled image embedding; a model file: a named "
+                        "layer's feature map pooled avg|max (default avg), its own pooling layer or a vector layer "
+                        "as it is (recorded as its kind, or none)")
     p.add_argument("--tta", default="none", help="none|flip: flip averages features of the image and its mirror")
     p.add_argument("--features-dir", default=str(FEATURES_DIR), help="feature store root (default features/)")
     p.add_argument("--name", default=None, help="dataset name under the store (default: the data folder's name)")
@@ -67,9 +71,17 @@ def build_config(a: argparse.Namespace):
         progress=not a.no_progress)
 
 
+def check_options(a: argparse.Namespace) -> None:
+    """--image-size against the backbones it applies to, the demo's included: 0 may not fall back to a default."""
+    from ..backbones import DEFAULT_BACKBONES, check_image_size
+    from ..demo import BACKBONES as DEMO_BACKBONES
+    check_image_size(a.image_size, comma_list(a.backbones) or list(DEMO_BACKBONES if a.demo else DEFAULT_BACKBONES))
+
+
 def main(argv=None, prog=None):
     a = parse_args(argv, prog)
     from ..extract import extract
+    run_main(check_options, a)
     summary = run_main(extract, build_config(a))
     if a.summary_json:
         import json
