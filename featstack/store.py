@@ -600,8 +600,10 @@ def photo_content(paths: DatasetPaths, table, threads: int = 1) -> tuple[dict[st
     """
     from .split import write_atomic  # split.py imports this module
     try:
-        known = pd.read_csv(paths.photo_stats_csv, dtype={"path": str, "sha256": str}, keep_default_na=False)
-        known = {p: (int(s), int(m), h) for p, s, m, h in known[STAT_COLUMNS].itertuples(index=False)}
+        known = pd.read_csv(paths.photo_stats_csv, dtype={"path": str, "size": "int64", "mtime_ns": "int64",
+                                                          "sha256": str}, keep_default_na=False)
+        known = dict(zip(known["path"].tolist(), zip(known["size"].tolist(), known["mtime_ns"].tolist(),
+                                                     known["sha256"].tolist())))
     except (OSError, ValueError, KeyError):
         known = {}
     ids = table["id"].astype(str).tolist()
@@ -636,7 +638,9 @@ def photo_content(paths: DatasetPaths, table, threads: int = 1) -> tuple[dict[st
         if k in hashes and f in known and known[f][2] != h:
             changed.add(i)
         rows.append((f, *s, h))
-    write_atomic(paths.photo_stats_csv, lambda p: pd.DataFrame(rows, columns=STAT_COLUMNS).to_csv(p, index=False))
+    if hashes or len(rows) != len(known):  # a rerun that found nothing new rewrites nothing
+        write_atomic(paths.photo_stats_csv,
+                     lambda p: pd.DataFrame(rows, columns=STAT_COLUMNS).to_csv(p, index=False))
     return content, changed
 
 
