@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -19,7 +20,14 @@ from .errors import FeatstackError
 from .layouts import describe, read_layout
 from .paths import DEMO_DATA_DIR, DEMO_NAME, DatasetPaths
 from .split import plan_split, write_atomic
-from .store import EntryWriter, read_attrs, remove_stray_tmp, writer_lock
+from .store import EntryWriter, photo_content, read_attrs, remove_stray_tmp, stack_names, writer_lock
+
+NONFINITE = "non-finite features (inf or NaN) from"  # the start of bad_images.csv's reason for such a photo
+# A backbone is refused, not its photos, once more than half of the photos it has seen gave inf or NaN (after at
+# least this many, or all it had to do): an overflow that one photo's pixels cause is rare, while a broken model
+# (an extreme scale layer, the wrong --preprocess) fails nearly every photo. Half leaves a wide margin both ways,
+# and a handful of photos keeps one unlucky first batch from deciding.
+MANY_SEEN = 8
 
 
 @dataclass
@@ -30,9 +38,35 @@ class Job:
     writer: EntryWriter
     todo: set[str]
     cached: int
+    changed: int = 0  # photos in todo whose stored features were made from other bytes (replaced under their name)
     seconds: float = 0.0
     extracted: int = 0
     stored: int = 0
+    seen: int = 0  # photos this run's forward passes gave features of
+    nonfinite: int = 0  # of which inf or NaN
+
+    @property
+    def nonfinite_reason(self) -> str:
+        return f"{NONFINITE} {self.backbone.model_path or self.backbone.name} ({self.writer.final.name})"
+
+    def take(self, ids: list[str], files: list[str], block: np.ndarray) -> list[tuple[str, str, str]]:
+        """Store one batch of this backbone's features. Rows with inf or NaN are never stored: they come back as
+        bad images, and so many of them that the model itself must be broken stop the run in one line."""
+        finite = np.isfinite(block).all(axis=1)
+        self.seen += len(block)
+        self.nonfinite += int((~finite).sum())
+        if self.nonfinite * 2 > self.seen and self.seen >= min(MANY_SEEN, len(self.todo)):
+            b = self.backbone
+            raise FeatstackError(
+                f"backbone {b.model_path or b.name}: {self.nonfinite} of the {self.seen} photos it has seen gave "
+                "non-finite features (inf or NaN), so the model is broken for these inputs, not the photos; check "
+                "its --preprocess (the input scale it was trained on), choose another layer (PATH:LAYER), or leave "
+                "it out of --backbones")
+        kept = [i for i, ok in zip(ids, finite) if ok]
+        if kept:
+            self.writer.add(kept, block if finite.all() else block[finite])
+            self.extracted += len(kept)
+        return [(i, p, self.nonfinite_reason) for i, p, ok in zip(ids, files, finite) if not ok]
 
 
 @dataclass
@@ -48,7 +82,8 @@ class Summary:
         return {"dataset": str(self.paths.root), "images": self.images, "bad": len(self.bad),
                 "seconds": self.seconds, "loop_seconds": self.loop_seconds,
                 "backbones": [{"name": j.backbone.name, "file": j.writer.final.name, "stored": j.stored,
-                               "width": j.backbone.width, "extracted": j.extracted, "cached": j.cached,
+                               "width": j.backbone.width, "extracted": j.extracted, "changed": j.changed,
+                               "cached": j.cached,
                                "seconds": j.seconds} for j in self.jobs]}
 
 
@@ -94,6 +129,7 @@ def run_jobs(jobs: list[Job], table: pd.DataFrame, *, batch_size: int, threads: 
     for batch_ids, batch_paths, arrays, errors in decoded_batches(
             todo["id"].tolist(), todo["path"].tolist(), sizes, batch_size, threads):
         ok_ids = [i for i, e in zip(batch_ids, errors) if e is None]
+        ok_paths = [p for p, e in zip(batch_paths, errors) if e is None]
         bad_rows += [(i, p, e) for i, p, e in zip(batch_ids, batch_paths, errors) if e is not None]
         wanted = [np.array([i in job.todo for i in ok_ids], dtype=bool) for job in jobs]
         feats, seconds = bb.run_backbones([job.backbone for job in jobs], arrays, wanted)
@@ -101,45 +137,57 @@ def run_jobs(jobs: list[Job], table: pd.DataFrame, *, batch_size: int, threads: 
             if block is None:
                 continue
             job.seconds += spent
-            job.writer.add([i for i, w in zip(ok_ids, mask) if w], block)
-            job.extracted += len(block)
+            bad_rows += job.take([i for i, w in zip(ok_ids, mask) if w], [p for p, w in zip(ok_paths, mask) if w],
+                                 block)
         bar.update(len(batch_ids))
     bar.close()
     return pd.DataFrame(bad_rows, columns=["id", "path", "reason"])
 
 
-def plan_jobs(paths: DatasetPaths, backbones: list[bb.Backbone], ids: set[str], shard_rows: int) -> list[Job]:
+def plan_jobs(paths: DatasetPaths, backbones: list[bb.Backbone], ids: set[str], shard_rows: int,
+              content: dict[str, str] | None = None) -> list[Job]:
+    """A job per backbone; ``content`` (id -> sha256 of the photo's bytes) makes a replaced photo's row stale."""
     jobs = []
     for b in backbones:
-        writer = EntryWriter(paths, b.entry, {}, shard_rows=shard_rows)
+        writer = EntryWriter(paths, b.entry, {}, shard_rows=shard_rows, content=content)
         done = writer.recover()  # damaged files moved aside, shards a killed merge absorbed deleted
-        jobs.append(Job(b, writer, ids - done, cached=len(ids & done)))
+        jobs.append(Job(b, writer, ids - done, cached=len(ids & done), changed=len(ids & writer.changed)))
     return jobs
 
 
-def still_bad(paths: DatasetPaths, jobs: list[Job], table: pd.DataFrame) -> pd.DataFrame:
-    """Images the last run could not decode that still cannot be: taken out of every job's to-do list.
+def still_bad(paths: DatasetPaths, jobs: list[Job], table: pd.DataFrame,
+              changed: set[str] = frozenset()) -> pd.DataFrame:
+    """Images the last run could not use that still cannot be used: taken out of the to-do lists.
 
     Bad images are in no feature file, so each run would otherwise build every model to retry them. They are
-    decoded again here (a fixed file is extracted as usual); the ones that still fail stay in bad_images.csv.
+    decoded again here (a fixed file is extracted as usual); the ones that still fail stay in bad_images.csv. A
+    photo a backbone gave non-finite features of stays out of that backbone's to-do list until its bytes change.
     """
+    empty_bad = pd.DataFrame(columns=["id", "path", "reason"])
     todo = set().union(*(j.todo for j in jobs)) if jobs else set()
     if not todo or not paths.bad_images_csv.is_file():
-        return pd.DataFrame(columns=["id", "path", "reason"])
+        return empty_bad
     try:
-        known = set(pd.read_csv(paths.bad_images_csv, dtype=str, keep_default_na=False)["id"])
+        listed = pd.read_csv(paths.bad_images_csv, dtype=str, keep_default_na=False)[["id", "path", "reason"]]
     except (OSError, ValueError, KeyError):
-        known = set()
-    retry = table[table["id"].isin(known & todo)]
+        listed = empty_bad
+    nonfinite = []
+    for job in jobs:
+        mine = listed[(listed["reason"] == job.nonfinite_reason) & listed["id"].isin(job.todo - set(changed))]
+        job.todo -= set(mine["id"])
+        nonfinite.append(mine)
+    nonfinite = pd.concat(nonfinite, ignore_index=True) if nonfinite else empty_bad
+    todo = set().union(*(j.todo for j in jobs))
+    retry = table[table["id"].isin(set(listed["id"][~listed["reason"].str.startswith(NONFINITE)]) & todo)]
     if retry.empty:
-        return pd.DataFrame(columns=["id", "path", "reason"])
+        return nonfinite
     size = min(j.backbone.input_size for j in jobs)
     _, errors = decode_batch(retry["path"].astype(str).tolist(), (size,))
     bad = pd.DataFrame([(i, p, e) for i, p, e in zip(retry["id"], retry["path"], errors) if e is not None],
                        columns=["id", "path", "reason"])
     for job in jobs:
         job.todo -= set(bad["id"])
-    return bad
+    return pd.concat([nonfinite, bad], ignore_index=True) if len(nonfinite) else bad
 
 
 @dataclass(frozen=True)
@@ -205,11 +253,15 @@ def extract(config: ExtractConfig) -> Summary:
         split = plan_split(paths, table, holdout=c.holdout, seed=c.seed, layout=layout, data=Path(data))
         table = split.table
         ids = set(table["id"])
-        jobs = plan_jobs(paths, resolved, ids, c.shard_rows)
-        known_bad = still_bad(paths, jobs, table)
+        content, changed = photo_content(paths, table, threads)
+        jobs = plan_jobs(paths, resolved, ids, c.shard_rows, content)
+        known_bad = still_bad(paths, jobs, table, changed)
         if c.demo and c.weights == "imagenet":
-            jobs = _demo_weights_or_random(jobs, paths, resolved, ids, c, batch_size)
-            known_bad = still_bad(paths, jobs, table)
+            jobs = _demo_weights_or_random(jobs, paths, resolved, ids, c, batch_size, content)
+            known_bad = still_bad(paths, jobs, table, changed)
+        mix = weights_mix_warning(paths, jobs)
+        if mix:
+            print(mix, file=sys.stderr, flush=True)
         if c.engine == "local":
             build_models(jobs, batch_size)  # the Ray engine builds on its actors instead
         split.write(paths)
@@ -242,7 +294,7 @@ def extract(config: ExtractConfig) -> Summary:
     return summary
 
 
-def _demo_weights_or_random(jobs, paths, resolved, ids, config: ExtractConfig, batch_size: int):
+def _demo_weights_or_random(jobs, paths, resolved, ids, config: ExtractConfig, batch_size: int, content=None):
     """The demo may not stop for want of ImageNet weights: it says so loudly and records seeded random weights."""
     try:
         build_models(jobs, batch_size)
@@ -253,7 +305,36 @@ def _demo_weights_or_random(jobs, paths, resolved, ids, config: ExtractConfig, b
               f"weights (--weights random). Features and scores will be far below ImageNet ones.\n"
               f"Reason: {exc}\n{bar}")
         randoms = config.resolve_backbones([b.model_path or b.name for b in resolved], weights="random")
-        return plan_jobs(paths, randoms, ids, config.shard_rows)
+        return plan_jobs(paths, randoms, ids, config.shard_rows, content)
+
+
+def weights_mix_warning(paths: DatasetPaths, jobs: list[Job]) -> str | None:
+    """One line when this run adds random-weight features to a store that holds trained-weight ones, or the reverse:
+    stack.py refuses to mix the two, so the user learns it now, with the --backbones value that stacks each kind."""
+    adding = {j.backbone.weights == "random" for j in jobs if j.todo}
+    if not adding:
+        return None
+    files = {j.writer.final: (j.backbone.name, j.backbone.weights == "random") for j in jobs}
+    for path in paths.entry_files():
+        if path not in files:
+            try:
+                attrs = read_attrs(path)
+            except FeatstackError:
+                continue  # a damaged file is reported where it is read
+            files[path] = (attrs.get("backbone", path.stem), attrs.get("weights") == "random")
+    names = stack_names({p: b for p, (b, _) in files.items()})
+    group = {kind: ",".join(names[p] for p, (_, r) in files.items() if r == kind) for kind in (True, False)}
+    if not group[True] or not group[False]:
+        return None
+    if len(adding) > 1:
+        return (f"warning: this run adds random-weight ({group[True]}) and trained-weight ({group[False]}) features to "
+                f"{paths.root}; stack.py stacks one kind at a time: --backbones {group[True]} or --backbones "
+                f"{group[False]}")
+    added = ",".join(names[j.writer.final] for j in jobs if j.todo)
+    kind, other = ("random", "trained") if True in adding else ("trained", "random")
+    return (f"warning: adding {kind}-weight features ({added}) to {paths.root}, which holds {other}-weight features; "
+            f"stack.py refuses to mix the two, so stack each kind on its own: --backbones {group[True]} (random "
+            f"weights) or --backbones {group[False]} (trained weights)")
 
 
 def build_models(jobs: list[Job], batch_rows: int) -> None:
@@ -280,9 +361,10 @@ def print_summary(summary: Summary) -> None:
     print(f"\n{summary.paths.root}: {summary.images} images, {len(summary.bad)} bad "
           f"(see {summary.paths.bad_images_csv.name})" if len(summary.bad) else
           f"\n{summary.paths.root}: {summary.images} images, 0 bad")
-    print(f"{'backbone':<24}{'stored':>8}{'width':>7}{'new':>7}{'cached':>8}{'seconds':>9}{'img/s':>8}  file")
+    print(f"{'backbone':<24}{'stored':>8}{'width':>7}{'new':>7}{'changed':>8}{'cached':>8}{'seconds':>9}"
+          f"{'img/s':>8}  file")
     for j in summary.jobs:
         rate = j.extracted / j.seconds if j.seconds else float("nan")
-        print(f"{j.backbone.name:<24}{j.stored:>8}{j.backbone.width or 0:>7}{j.extracted:>7}{j.cached:>8}"
+        print(f"{j.backbone.name:<24}{j.stored:>8}{j.backbone.width or 0:>7}{j.extracted:>7}{j.changed:>8}{j.cached:>8}"
               f"{j.seconds:>9.1f}{rate:>8.1f}  {j.writer.final.name}")
     print(f"total {summary.seconds:.1f} s")

@@ -12,7 +12,7 @@ from .errors import FeatstackError
 from .layouts import class_order
 from .paths import DatasetPaths
 from .split import read_dataset_meta, read_split
-from .store import read_attrs, read_entry
+from .store import read_attrs, read_entry, rebuild_command, stack_names
 
 # Attributes that must agree across backbones stacked together; input size and weights file differ by design.
 MUST_AGREE = ("pooling", "tta", "precision")
@@ -140,8 +140,19 @@ def load_features(features: str | Path, backbones: list[str] | None = None, allo
                                  f"{', '.join(f'{n}={v}' for n, v in values.items())}; choose matching --backbones")
     kinds = {name: e.attrs.get("weights") == "random" for name, e in entries.items()}
     if len(set(kinds.values())) > 1:
-        raise FeatstackError("refusing to mix random-weight and trained-weight features: "
-                             f"{', '.join(n + (' (random)' if r else '') for n, r in kinds.items())}")
+        names = stack_names({p: b for b, ps in cached_backbones(paths).items() for p in ps})
+        group = {kind: ",".join(names[e.path] for n, e in entries.items() if kinds[n] == kind)
+                 for kind in (True, False)}
+        raise FeatstackError(f"refusing to mix random-weight and trained-weight features: random weights: "
+                             f"{group[True]}; trained weights: {group[False]}; stack one group at a time: "
+                             f"--backbones {group[False]} (trained) or --backbones {group[True]} (random)")
+    for e in entries.values():
+        finite = np.isfinite(e.features).all(axis=1)
+        if not finite.all():
+            raise FeatstackError(
+                f"{e.path}: {int((~finite).sum())} of {len(finite)} rows hold non-finite features (inf or NaN; first "
+                f"id {e.ids[~finite][0]!r}), which no model can use; re-extract: {rebuild_command(e.path)} (it "
+                "extracts those photos again and lists the ones that stay non-finite in bad_images.csv)")
     split_ids = split["id"].to_numpy(object)
     bad_ids = read_bad_ids(paths)
     is_bad = np.fromiter((i in bad_ids for i in split_ids), bool, len(split_ids))

@@ -39,6 +39,10 @@ class DatasetPaths:
         return self.root / "bad_images.csv"
 
     @property
+    def photo_stats_csv(self) -> Path:
+        return self.root / "photo_stats.csv"
+
+    @property
     def lock_file(self) -> Path:
         return self.root / ".lock"
 

@@ -138,8 +138,8 @@ def run_jobs_ray(jobs, table: pd.DataFrame, *, batch_size: int, address: str | N
             feats = batch[f"feat{k}"]
             rows = [r for r, i in enumerate(ids) if i in job.todo and not batch["error"][r]]
             if rows:
-                job.writer.add([ids[r] for r in rows], np.ascontiguousarray(feats[rows]))
-                job.extracted += len(rows)
+                bad_rows += job.take([ids[r] for r in rows], [str(batch["path"][r]) for r in rows],
+                                     np.ascontiguousarray(feats[rows]))
         bar.update(len(ids))
     bar.close()
     for job in jobs:

@@ -10,11 +10,13 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 from filelock import FileLock, Timeout
 
 from .errors import FeatstackError
@@ -24,6 +26,9 @@ COPY_ROWS = 8192  # rows copied per block when merging: bounded memory whatever 
 CHUNK_BYTES = 1 << 20  # feature chunks of whole rows, about 1 MiB: HDF5's default chunk cache holds one
 STR = h5py.string_dtype("utf-8")
 MERGED_SHARDS = "merged_shards"  # names of the shards the last merge absorbed: a rerun deletes them, never re-adds them
+# Per row, the sha256 of the photo's bytes its vector was made from: a photo replaced under the same name no longer
+# matches its row, so it is extracted again. "" marks a row of unknown content (written before this existed).
+CONTENT = "content"
 ATTRS_SHA256 = "attrs_sha256"  # checksum of the attributes, stored beside them: HDF5 checks only the chunks
 # Bookkeeping attributes that decide no result (rows is checked against the data itself): not in the checksum.
 UNCHECKED_ATTRS = ("rows", "updated", "created", "extract_seconds", ATTRS_SHA256, "file")
@@ -118,7 +123,8 @@ def _strings(values: list[str]) -> np.ndarray:
     return np.array(encoded, dtype=h5py.string_dtype("utf-8", max(1, max(map(len, encoded), default=1))))
 
 
-def _write_h5(path: Path, ids: list[str], blocks, width: int, attrs: dict, merged_shards: list[str] = ()) -> None:
+def _write_h5(path: Path, ids: list[str], blocks, width: int, attrs: dict, merged_shards: list[str] = (),
+              content: list[str] | None = None) -> None:
     """Write a feature file through a temporary name, then rename: a reader sees all of it or none.
 
     ``ids`` and ``features`` are chunked with HDF5's fletcher32 checksum, so a damaged chunk fails on read.
@@ -130,6 +136,8 @@ def _write_h5(path: Path, ids: list[str], blocks, width: int, attrs: dict, merge
             sink = _DiskWriter(fd)
             with h5py.File(sink, "w") as f:
                 f.create_dataset("ids", data=_strings(ids), chunks=True, fletcher32=True)
+                f.create_dataset(CONTENT, data=_strings(content if content is not None else [""] * len(ids)),
+                                 chunks=True, fletcher32=True)
                 rows = max(1, min(len(ids), CHUNK_BYTES // (4 * max(1, width))))
                 ds = f.create_dataset("features", shape=(len(ids), width), dtype="float32",
                                       chunks=(rows, width) if len(ids) else True, fletcher32=True)
@@ -163,6 +171,14 @@ def _write_h5(path: Path, ids: list[str], blocks, width: int, attrs: dict, merge
 def read_ids(path: Path) -> list[str]:
     with h5py.File(path, "r") as f:
         return list(f["ids"].asstr()[:])
+
+
+def read_rows(path: Path) -> tuple[list[str], list[str]]:
+    """A feature file's ids and, per row, the sha256 of the photo it was made from ("" when not recorded)."""
+    with h5py.File(path, "r") as f:
+        ids = list(f["ids"].asstr()[:])
+        content = list(f[CONTENT].asstr()[:]) if CONTENT in f else [""] * len(ids)
+    return ids, content
 
 
 def _attrs_of(f: h5py.File) -> dict:
@@ -295,19 +311,33 @@ def read_attrs(path: Path) -> dict:
         raise _damaged(path, exc) from None
 
 
-def verify(path: Path) -> None:
-    """Read every chunk of a feature file (bounded memory), so HDF5 checks each checksum; raise when any fails."""
+def verify(path: Path) -> np.ndarray:
+    """Read every chunk of a feature file (bounded memory), so HDF5 checks each checksum; raise when any fails.
+
+    Returns which rows are finite: a row of inf or NaN (stored before extraction refused them) is not a feature.
+    """
     with h5py.File(path, "r") as f:
         ids = f["ids"]
         ids[:]
+        if CONTENT in f and len(f[CONTENT]) != len(ids):
+            raise ValueError(f"{len(ids)} ids, {len(f[CONTENT])} content hashes")
+        if CONTENT in f:
+            f[CONTENT][:]
         ds = f["features"]
         if ds.ndim != 2 or len(ds) != len(ids) or f.attrs.get("rows", len(ids)) != len(ids):
             raise ValueError(f"{len(ids)} ids, features of shape {ds.shape}")
         attrs = _check_attrs(path, _attrs_of(f))
         if attrs.get("width") and attrs["width"] != ds.shape[1]:
             raise ValueError(f"width {attrs['width']} but features of shape {ds.shape}")
-        for start in range(0, len(ds), COPY_ROWS):
-            ds[start:start + COPY_ROWS]
+        return finite_rows(ds)
+
+
+def finite_rows(ds) -> np.ndarray:
+    """Which rows of an (n, d) feature dataset hold only finite values, read in blocks: bounded memory."""
+    finite = np.ones(len(ds), dtype=bool)
+    for start in range(0, len(ds), COPY_ROWS):
+        finite[start:start + COPY_ROWS] = np.isfinite(ds[start:start + COPY_ROWS]).all(axis=1)
+    return finite
 
 
 def move_aside(path: Path) -> Path:
@@ -329,16 +359,27 @@ def remove_stray_tmp(paths: DatasetPaths) -> int:
 
 
 class EntryWriter:
-    """Appends features of one backbone configuration: shards as it goes, one merged file at the end."""
+    """Appends features of one backbone configuration: shards as it goes, one merged file at the end.
 
-    def __init__(self, paths: DatasetPaths, entry: str, attrs: dict, shard_rows: int = 1024):
+    ``content`` maps an id to the sha256 of its photo's bytes now (ids it lacks: unknown). A row counts as this
+    photo's features only while its recorded sha256 matches: a replaced photo is extracted again and its old row
+    dropped at the merge. Rows of unknown content (stores written before rows recorded it) are taken as the photo's
+    current content once, and recorded so by the merge.
+    """
+
+    def __init__(self, paths: DatasetPaths, entry: str, attrs: dict, shard_rows: int = 1024,
+                 content: dict[str, str] | None = None):
         self.final = paths.entry_file(entry)
         self.shards = paths.entry_shards(entry)
         self.attrs = attrs
         self.shard_rows = shard_rows
+        self.content = content or {}
         self._ids: list[str] = []
         self._blocks: list[np.ndarray] = []
+        self._finite: dict[Path, np.ndarray] = {}  # per source file, its finite rows (verify() read them anyway)
         self.written = 0
+        self.changed: set[str] = set()  # ids whose stored rows were made from other bytes than the photo's now
+        self.nonfinite: set[str] = set()  # ids whose only stored rows are inf or NaN
 
     def _shard_files(self) -> list[Path]:
         return sorted(self.shards.glob("*.h5")) if self.shards.is_dir() else []
@@ -350,43 +391,71 @@ class EntryWriter:
             return set(f[MERGED_SHARDS].asstr()[:]) if MERGED_SHARDS in f else set()
 
     def recover(self) -> set[str]:
-        """Make the store this entry left trustworthy, then return the ids it holds.
+        """Make the store this entry left trustworthy, then return the ids it holds current features of.
 
         A damaged file (a checksum or structure that fails) is moved aside to ``*.corrupt`` and its ids are
         extracted again; shards the merged file already absorbed (a merge killed before it deleted them) are
-        deleted; ids stored twice with different features are refused (identical copies are dropped by merge).
+        deleted; ids stored twice with different features from the same bytes are refused (identical copies are
+        dropped by merge). Rows of a photo's earlier bytes, and rows of inf or NaN, do not count: their ids are
+        extracted again and the merge drops those rows.
         """
         for path in ([self.final] if self.final.exists() else []) + self._shard_files():
             try:
-                verify(path)
+                self._finite[path] = verify(path)
             except Exception as exc:
                 cause = (str(exc).splitlines() or [type(exc).__name__])[0][:100]
                 moved = move_aside(path)
                 print(f"{path}: damaged feature file ({cause}); moved aside to {moved.name}, its features are "
                       "extracted again", file=sys.stderr)
         self._drop_shards([s for s in self._shard_files() if s.name in self._merged_shards()])
-        by_source = self._ids_by_source()
-        self._keep_masks(by_source)  # refuses differing duplicates before any work is done
-        return set().union(*by_source.values())
+        by_source = self._rows_by_source()
+        keep = self._keep_masks(by_source)  # refuses differing duplicates before any work is done
+        held = {i for src, (ids, _) in by_source.items() for i, k in zip(ids, keep.masks[src]) if k}
+        self.changed = keep.stale - held
+        self.nonfinite = keep.nonfinite - held - self.changed
+        if self.nonfinite:
+            print(f"{self.final}: {len(self.nonfinite)} photos have only non-finite features (inf or NaN) stored, "
+                  "written before extraction refused them; they are extracted again", file=sys.stderr)
+        return held
 
-    def _ids_by_source(self) -> dict[Path, list[str]]:
+    def _rows_by_source(self) -> dict[Path, tuple[list[str], list[str]]]:
         sources = ([self.final] if self.final.exists() else []) + self._shard_files()
-        return {src: read_ids(src) for src in sources}
+        return {src: read_rows(src) for src in sources}
 
-    def _keep_masks(self, by_source: dict[Path, list[str]]) -> tuple[dict[Path, np.ndarray], int]:
-        """Which rows of each source a merge keeps: the first copy of each id. Later copies must be identical."""
+    def _finite_rows(self, src: Path) -> np.ndarray:
+        if src not in self._finite:
+            with h5py.File(src, "r") as f:
+                self._finite[src] = finite_rows(f["features"])
+        return self._finite[src]
+
+    def _keep_masks(self, by_source: dict[Path, tuple[list[str], list[str]]]) -> _Keep:
+        """Which rows of each source a merge keeps: per id, the first finite row made from the photo's bytes now
+        (for ids not in the table, the newest bytes stored). Later copies from the same bytes must be identical."""
+        wanted: dict[str, str] = {}
+        for ids, content in by_source.values():  # oldest source first: the newest copy is the last one seen
+            wanted.update(zip(ids, content))
+        wanted.update({i: c for i, c in self.content.items() if i in wanted})
+        exact = {i for src, (ids, content) in by_source.items()
+                 for i, c, ok in zip(ids, content, self._finite_rows(src)) if ok and c and c == wanted[i]}
         first: dict[str, tuple[Path, int]] = {}
         dups: list[tuple[str, Path, int]] = []
-        masks = {}
-        for src, ids in by_source.items():
-            mask = np.ones(len(ids), dtype=bool)
-            for row, i in enumerate(ids):
-                if i in first:
-                    mask[row] = False
+        keep = _Keep()
+        for src, (ids, content) in by_source.items():
+            mask = np.zeros(len(ids), dtype=bool)
+            for row, (i, c, ok) in enumerate(zip(ids, content, self._finite_rows(src))):
+                if not ok:
+                    keep.nonfinite.add(i)
+                elif c != wanted[i] and (c or i in exact):  # a row of unknown bytes is adopted when none matches
+                    keep.stale.add(i)
+                elif i in first:
                     dups.append((i, src, row))
                 else:
                     first[i] = (src, row)
-            masks[src] = mask
+                    mask[row] = True
+                    keep.unstamped += not c and bool(self.content.get(i))
+            keep.masks[src] = mask
+        keep.dropped = len(dups)
+        keep.discarded = sum(len(ids) for ids, _ in by_source.values()) - len(first) - len(dups)
         for start in range(0, len(dups), COPY_ROWS):  # compared in blocks: bounded memory
             block = dups[start:start + COPY_ROWS]
             rows = self._rows({(src, row) for _, src, row in block} | {first[i] for i, _, _ in block})
@@ -397,7 +466,7 @@ class EntryWriter:
                         f"{self.final}: id {i!r} is stored twice with different features ({keep_src.name}, "
                         f"{src.name}); delete {self.final} and {self.shards}, then rebuild with: "
                         f"{rebuild_command(self.final)}")
-        return masks, len(dups)
+        return keep
 
     @staticmethod
     def _rows(wanted: set[tuple[Path, int]]) -> dict[tuple[Path, int], np.ndarray]:
@@ -421,7 +490,8 @@ class EntryWriter:
         make_dir(self.shards)
         width = self._blocks[0].shape[1]
         # The rename is the shard's completion marker: a run killed mid-write leaves only a stray .tmp.
-        _write_h5(self.shards / f"{time.time_ns():020d}.h5", self._ids, self._blocks, width, {})
+        _write_h5(self.shards / f"{time.time_ns():020d}.h5", self._ids, self._blocks, width, {},
+                  content=[self.content.get(i, "") for i in self._ids])
         self.written += len(self._ids)
         self._ids, self._blocks = [], []
 
@@ -429,19 +499,22 @@ class EntryWriter:
         """Fold the merged file and every shard into a new merged file; returns its row count.
 
         Idempotent whatever instant it is killed at: the new file names the shards it absorbed, so a rerun
-        deletes them instead of adding them again, and an id is kept once (identical copies are dropped).
+        deletes them instead of adding them again, and an id is kept once (identical copies are dropped, rows of a
+        photo's earlier bytes and non-finite rows too).
         """
         self.flush()
         shards = self._shard_files()
-        by_source = self._ids_by_source()
-        masks, dropped = self._keep_masks(by_source)
-        legacy = self.final.exists() and ATTRS_SHA256 not in read_attrs(self.final)
-        if not shards and not dropped and not legacy:
-            return sum(len(ids) for ids in by_source.values())
-        if dropped:
-            print(f"warning: {self.final}: dropped {dropped} duplicate rows (identical copies of stored ids, left by "
-                  "an interrupted merge)", file=sys.stderr)
-        ids = [i for src, src_ids in by_source.items() for i, keep in zip(src_ids, masks[src]) if keep]
+        by_source = self._rows_by_source()
+        keep = self._keep_masks(by_source)
+        masks = keep.masks
+        legacy = self.final.exists() and (ATTRS_SHA256 not in read_attrs(self.final) or not self._has_content())
+        if not shards and not keep.dropped and not keep.discarded and not keep.unstamped and not legacy:
+            return sum(len(ids) for ids, _ in by_source.values())
+        if keep.dropped:
+            print(f"warning: {self.final}: dropped {keep.dropped} duplicate rows (identical copies of stored ids, "
+                  "left by an interrupted merge)", file=sys.stderr)
+        kept = [(i, self.content.get(i) or c) for src, (src_ids, content) in by_source.items()
+                for i, c, k in zip(src_ids, content, masks[src]) if k]
         with h5py.File(next(iter(by_source)), "r") as f:
             width = f["features"].shape[1]
 
@@ -456,9 +529,15 @@ class EntryWriter:
         attrs = dict(self.attrs) or (read_attrs(self.final) if self.final.exists() else {})
         if self.final.exists():
             attrs["created"] = read_attrs(self.final).get("created", attrs.get("created"))
-        _write_h5(self.final, ids, blocks(), width, attrs, merged_shards=[s.name for s in shards])
+        _write_h5(self.final, [i for i, _ in kept], blocks(), width, attrs, merged_shards=[s.name for s in shards],
+                  content=[c for _, c in kept])
+        self._finite.clear()  # of the files just replaced or deleted
         self._drop_shards(shards)
-        return len(ids)
+        return len(kept)
+
+    def _has_content(self) -> bool:
+        with h5py.File(self.final, "r") as f:
+            return CONTENT in f
 
     def _drop_shards(self, shards: list[Path]) -> None:
         """Delete shards the merged file holds (a kill here is safe: the file names them)."""
@@ -468,6 +547,18 @@ class EntryWriter:
             self.shards.rmdir()
         with contextlib.suppress(OSError):
             self.shards.parent.rmdir()
+
+
+@dataclass
+class _Keep:
+    """What a merge keeps of an entry's files: a row mask per file, and what it leaves out and why."""
+
+    masks: dict = field(default_factory=dict)
+    stale: set = field(default_factory=set)  # ids with rows of other bytes than the photo's now
+    nonfinite: set = field(default_factory=set)  # ids with rows of inf or NaN
+    dropped: int = 0  # identical duplicate rows
+    discarded: int = 0  # rows of other bytes, or non-finite
+    unstamped: int = 0  # kept rows of unknown bytes that the merge records as the photo's bytes now
 
 
 def make_dir(folder: Path) -> None:
@@ -494,3 +585,69 @@ def writer_lock(paths: DatasetPaths):
         yield
     finally:
         lock.release()
+
+
+STAT_COLUMNS = ["path", "size", "mtime_ns", "sha256"]
+
+
+def photo_content(paths: DatasetPaths, table, threads: int = 1) -> tuple[dict[str, str], set[str]]:
+    """The sha256 of each photo's bytes, by id, and the ids whose bytes changed since the last run recorded them.
+
+    Hashing every photo on every run would read the whole dataset; a photo whose size and modification time are
+    the ones recorded in ``photo_stats.csv`` keeps its recorded sha256, the others are hashed (a touched but
+    unchanged photo hashes to the same value, so it is not extracted again). Photos that cannot be read are left
+    out: decoding reports them. The record is rewritten for the table's photos; a damaged one is hashed afresh.
+    """
+    from .split import write_atomic  # split.py imports this module
+    try:
+        known = pd.read_csv(paths.photo_stats_csv, dtype={"path": str, "size": "int64", "mtime_ns": "int64",
+                                                          "sha256": str}, keep_default_na=False)
+        known = dict(zip(known["path"].tolist(), zip(known["size"].tolist(), known["mtime_ns"].tolist(),
+                                                     known["sha256"].tolist())))
+    except (OSError, ValueError, KeyError):
+        known = {}
+    ids = table["id"].astype(str).tolist()
+    files = table["path"].astype(str).tolist()
+
+    def stat(file: str):
+        try:
+            st = os.stat(file)
+            return st.st_size, st.st_mtime_ns
+        except OSError:
+            return None
+
+    def digest(file: str) -> str | None:
+        try:
+            with open(file, "rb") as f:
+                return hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError:
+            return None
+
+    stats = [stat(f) for f in files]
+    todo = [k for k, (f, s) in enumerate(zip(files, stats)) if s and known.get(f, (None, None, ""))[:2] != s]
+    if len(todo) >= 2000:
+        print(f"hashing {len(todo)} new or modified photos (sha256) ...", flush=True)
+    with ThreadPoolExecutor(max(1, threads), thread_name_prefix="hash") as pool:  # hashlib releases the GIL
+        hashes = dict(zip(todo, pool.map(digest, [files[k] for k in todo])))
+    content, changed, rows = {}, set(), []
+    for k, (i, f, s) in enumerate(zip(ids, files, stats)):
+        h = hashes.get(k, known.get(f, ("", "", ""))[2] if s else None)
+        if not s or not h:
+            continue
+        content[i] = h
+        if k in hashes and f in known and known[f][2] != h:
+            changed.add(i)
+        rows.append((f, *s, h))
+    if hashes or len(rows) != len(known):  # a rerun that found nothing new rewrites nothing
+        write_atomic(paths.photo_stats_csv,
+                     lambda p: pd.DataFrame(rows, columns=STAT_COLUMNS).to_csv(p, index=False))
+    return content, changed
+
+
+def stack_names(backbone_of: dict[Path, str]) -> dict[Path, str]:
+    """The name stack.py's ``--backbones`` takes for each feature file of a store: its backbone's name, or its file
+    stem where the store holds that backbone in more than one configuration."""
+    counts: dict[str, int] = {}
+    for b in backbone_of.values():
+        counts[b] = counts.get(b, 0) + 1
+    return {p: b if counts[b] == 1 else Path(p).stem for p, b in backbone_of.items()}
