@@ -20,6 +20,12 @@ MUST_AGREE = ("pooling", "tta", "precision")
 OWN_READOUTS = ("token", "pooled")
 
 
+def _own_readout(attrs) -> bool:
+    """An encoder's or a model file's own readout (its own head's pooling, a vector layer), not a --pooling choice
+    that could disagree with the other backbones'."""
+    return attrs.get("pooling") in OWN_READOUTS or attrs.get("readout") == "layer"
+
+
 @dataclass
 class FeatureSet:
     """Rows of one dataset: ids, split, labels, and the features of each backbone in the same row order."""
@@ -94,6 +100,11 @@ def _choose(paths: DatasetPaths, names: list[str] | None) -> dict[str, Path]:
             raise FeatstackError(f"--backbones: {name!r} is cached in {len(files)} configurations; "
                                  f"name one by its file stem: {', '.join(p.stem for p in files)}")
         backbone = next(b for b, ps in cached.items() if files[0] in ps)
+        if backbone in chosen and chosen[backbone] != files[0]:
+            # Columns, members and predict.py's rebuild are keyed by backbone: a second configuration would
+            # silently replace the first.
+            raise FeatstackError(f"--backbones: {chosen[backbone].stem} and {files[0].stem} are two configurations "
+                                 f"of {backbone}; stack one of them")
         chosen[backbone] = files[0]
     return chosen
 
@@ -134,7 +145,7 @@ def load_features(features: str | Path, backbones: list[str] | None = None, allo
     entries = {name: read_entry(path) for name, path in _choose(paths, backbones).items()}
     for key in MUST_AGREE:
         values = {name: e.attrs.get(key) for name, e in entries.items()
-                  if not (key == "pooling" and e.attrs.get(key) in OWN_READOUTS)}
+                  if not (key == "pooling" and _own_readout(e.attrs))}
         if len(set(values.values())) > 1:
             raise FeatstackError(f"refusing to mix feature files made with different {key}: "
                                  f"{', '.join(f'{n}={v}' for n, v in values.items())}; choose matching --backbones")

@@ -238,6 +238,18 @@ def test_nested_base_layer_of_a_model_file_is_pooled_as_asked_and_recorded(tmp_p
     ref = keras.ops.convert_to_numpy(keras.layers.GlobalAveragePooling2D()(base(x * 2.0, training=False)))
     np.testing.assert_allclose(avg.features[:4], ref, rtol=1e-5, atol=1e-5)
 
+    # Two poolings chosen by --pooling are refused together (named, never one silently dropped); the model's own
+    # vector layer stacks beside a pooled layer, whatever it records
+    from featstack.features import load_features
+    store = tmp_path / "f" / "catsdogs"
+    with pytest.raises(FeatstackError, match=r"two configurations of transfer-tinybase; stack one of them"):
+        load_features(store, [max_file.stem, avg_file.stem])
+    code, _, err = run_main(extract_main, [*common, "--backbones", f"{path}:head"], capsys)
+    assert code == 0, err
+    (head_file,) = set(store.glob("*.h5")) - {max_file, avg_file}
+    assert read_entry(head_file).attrs["pooling"] == "none"
+    assert len(load_features(store, [max_file.stem, head_file.stem]).blocks) == 2
+
 
 def test_model_file_pooling_is_what_is_done_or_refused(tmp_path):
     """The default layer's pooling is the model's own (a max-pooling head is recorded as max); a --pooling that the
