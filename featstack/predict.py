@@ -99,9 +99,10 @@ def check_model_file(run: Path, config: dict) -> None:
         raise FeatstackError(f"{path}: cannot be read ({exc.strerror or exc}); rebuild the run with: "
                              f"{rebuild_run_command(config)}") from None
     if sha != recorded:
-        raise FeatstackError(f"{path}: sha256 {sha[:12]}… is not the {str(recorded)[:12]}… that config.json records: "
-                             "the model file was changed or replaced after stack.py wrote it, and loading a pickle "
-                             f"runs its code, so it is not loaded; rebuild the run with: {rebuild_run_command(config)}")
+        raise FeatstackError(f"{path}: damaged or unreadable (sha256 {sha[:12]}… is not the {str(recorded)[:12]}… "
+                             "that config.json records: the model file was changed or replaced after stack.py wrote "
+                             "it, and loading a pickle runs its code, so it is not loaded); rebuild the run with: "
+                             f"{rebuild_run_command(config)}")
 
 
 def load_fitted(run: Path, config: dict):

@@ -236,14 +236,15 @@ def test_changed_model_file_is_refused_before_it_is_loaded(run, tmp_path, capsys
     assert len(config["model_sha256"]) == 64
     marker = tmp_path / "ran"
     (run / "model.joblib").write_bytes(pickle.dumps(_Marker(str(marker))))
-    with pytest.raises(FeatstackError, match=r"model\.joblib: sha256 \w+… is not the \w+… that config\.json records"):
+    changed = r"model\.joblib: damaged or unreadable \(sha256 \w+… is not the \w+… that config\.json records"
+    with pytest.raises(FeatstackError, match=changed):
         Predictor(run)
     photo = tmp_path / "p.png"
     from conftest import write_images
     write_images(tmp_path, ["p.png"])
     code, _, err = run_main(predict_command.main, [photo, "--run", run], capsys)
-    assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {run / 'model.joblib'}: sha256"), err
-    with pytest.raises(FeatstackError, match=r"model\.joblib: sha256 .* the model file was changed or replaced"):
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {run / 'model.joblib'}: damaged"), err
+    with pytest.raises(FeatstackError, match=r"model\.joblib: damaged .* the model file was changed or replaced"):
         submit(run, submissions_dir=tmp_path / "subs")
     assert not marker.exists() and not (tmp_path / "subs").exists()
 
