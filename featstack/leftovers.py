@@ -19,10 +19,14 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from pathlib import Path
+
+from .errors import FeatstackError
 
 HEARTBEAT_S = 10.0
 STALE_S = 120.0  # a dozen missed heartbeats: a writer this late is gone, not slow
+LOCK_WAIT_S = 10.0  # a cleanup holds a dead writer's lease only while it deletes that writer's folder
 LEASE = ".featstack-lease"  # a prefix: globs of the work folders' names (.<run>.tmp*) do not find leases
 
 
@@ -60,11 +64,10 @@ def lease_path(folder: Path) -> Path:
 def lease(folder: Path):
     """Hold the lease of the work folder ``folder`` (created before it, removed after it) while the body runs."""
     path = lease_path(Path(folder))
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _take(path)
     stop = threading.Event()
     beat = None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a stale lease of a killed writer with our pid is free: taken at once
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({**_where(), "pid": os.getpid()}).encode())
 
@@ -83,6 +86,38 @@ def lease(folder: Path):
         with contextlib.suppress(OSError):
             path.unlink()  # while still locked: no cleaner can take it for a dead writer's meanwhile
         os.close(fd)
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (a lease unlinked meanwhile locks nothing)."""
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except OSError:
+        return False
+
+
+def _take(path: Path) -> int:
+    """An open descriptor of lease ``path``, exclusively locked, that ``path`` still names when it is returned."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() > deadline:
+                # The same work folder name (run id and process id) in use by a writer elsewhere.
+                raise FeatstackError(f"{path}: another process (in another container or on another machine sharing "
+                                     "this folder) holds this lease and writes the same work folder now; wait for it "
+                                     "to finish (or, for stack.py, pass another --run-id)") from None
+            time.sleep(0.05)  # a cleanup holds it for an instant while it removes a dead writer's folder
+            continue
+        except BaseException:
+            os.close(fd)
+            raise
+        if _same_file(path, fd):
+            return fd
+        os.close(fd)  # removed by a cleanup while we waited: lock the file that is there now
 
 
 def _folder_now(folder: Path) -> float | None:
@@ -110,6 +145,9 @@ def _lease_dead(path: Path, pid: int, now: list) -> bool | None:
         except OSError:
             os.close(fd)
             return False  # the writer holds it: alive
+        if not _same_file(path, fd):
+            os.close(fd)
+            return False  # released and removed meanwhile: looked at again next time
         try:
             facts = json.loads(os.pread(fd, 4096, 0) or b"{}")
         except ValueError:

@@ -221,6 +221,36 @@ def test_the_lease_beats_while_its_writer_lives_and_goes_with_it(tmp_path, monke
     assert not path.exists()
 
 
+def test_a_lease_removed_by_a_cleanup_while_waited_for_is_taken_afresh(tmp_path, monkeypatch):
+    import fcntl
+    import threading
+    folder = tmp_path / f".w.tmp{os.getpid()}"
+    path = leftovers.lease_path(folder)
+    path.write_text("{}")
+    cleaner = os.open(path, os.O_RDWR)
+    fcntl.flock(cleaner, fcntl.LOCK_EX)  # a cleanup that judged this name's earlier writer dead, deleting it
+
+    def finish_cleanup():
+        time.sleep(0.2)
+        path.unlink()
+        os.close(cleaner)
+    threading.Thread(target=finish_cleanup).start()
+    with leftovers.lease(folder):
+        other = os.open(path, os.O_RDWR)  # the lease that is there now is the one held: nobody else can take it
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(other)
+    monkeypatch.setattr(leftovers, "LOCK_WAIT_S", 0.2)
+    held = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(held, fcntl.LOCK_EX)  # the same work folder name, written elsewhere right now
+    try:
+        with pytest.raises(FeatstackError, match=r"holds this lease and writes the same work folder now"):
+            with leftovers.lease(folder):
+                pass
+    finally:
+        os.close(held)
+
+
 # --- #30 item 10: model.joblib is checked against config.json's sha256 before it is unpickled ---------------------
 
 class _Marker:
