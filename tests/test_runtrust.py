@@ -274,6 +274,9 @@ def test_changed_model_file_is_refused_before_it_is_loaded(run, tmp_path, capsys
     write_images(tmp_path, ["p.png"])
     code, _, err = run_main(predict_command.main, [photo, "--run", run], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {run / 'model.joblib'}: damaged"), err
+    from featstack.commands import serve as serve_command
+    code, _, err = run_main(serve_command.main, ["--run", run, "--port", 0], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: {run / 'model.joblib'}: damaged"), err
     with pytest.raises(FeatstackError, match=r"model\.joblib: damaged .* the model file was changed or replaced"):
         submit(run, submissions_dir=tmp_path / "subs")
     assert not marker.exists() and not (tmp_path / "subs").exists()
