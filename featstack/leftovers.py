@@ -11,7 +11,6 @@ between the machines, the heartbeat alone keeps a live folder).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -23,6 +22,11 @@ import time
 from pathlib import Path
 
 from .errors import FeatstackError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the heartbeat alone keeps a live writer's folder
+    fcntl = None
 
 HEARTBEAT_S = 10.0
 STALE_S = 120.0  # a dozen missed heartbeats: a writer this late is gone, not slow
@@ -101,6 +105,8 @@ def _take(path: Path) -> int:
     deadline = time.monotonic() + LOCK_WAIT_S
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:
+            return fd
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -141,7 +147,8 @@ def _lease_dead(path: Path, pid: int, now: list) -> bool | None:
     try:
         before = os.fstat(fd).st_mtime
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
             return False  # the writer holds it: alive
