@@ -346,9 +346,10 @@ def check_out(out: Path, log: Path) -> None:
     run folder or a feature store; a submission written there would destroy it."""
     target = out.resolve()
     what = None
-    if target in (log.resolve(), log.with_name(f".{log.name}.lock").resolve()) or (
-            target.name in OWNED_NAMES and target.parent == log.parent.resolve()):
-        what = f"the submissions log {log}" if target.name == "log.csv" else "the submissions log's lock"
+    if target == log.resolve():
+        what = f"the submissions log {log}"
+    elif target == log.with_name(f".{log.name}.lock").resolve() or target.name in OWNED_NAMES:
+        what = "the name of a submissions log (or its lock), in this or another --submissions-dir"
     else:
         for folder in target.parents:
             if (folder / "config.json").is_file() and (folder / "report.json").is_file():

@@ -98,7 +98,7 @@ def test_out_can_never_name_the_log_or_a_run_file(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith(f"error: --out {subs / 'log.csv'}: that is the submissions log"), err
     assert (subs / "log.csv").read_bytes() == before
-    for owned in (run / "test_predictions.csv", run / "sub.csv", subs / ".log.csv.lock"):
+    for owned in (run / "test_predictions.csv", run / "sub.csv", subs / ".log.csv.lock", tmp_path / "old" / "log.csv"):
         with pytest.raises(FeatstackError, match=r"which featstack writes itself"):
             submit(run, out=owned, submissions_dir=subs)
     assert (subs / "log.csv").read_bytes() == before and not (run / "sub.csv").exists()
