@@ -21,8 +21,9 @@ import pandas as pd
 from . import reports
 from .errors import FeatstackError
 from .features import FeatureSet, load_features, read_bad_ids
-from .leftovers import dead_leftovers, remove_leftover
+from .leftovers import dead_leftovers, drop_lease, lease, release, remove_leftover
 from .paths import MODELS_DIR, AuditPaths, DatasetPaths, RunPaths
+from .store import is_disk_full
 
 # Cosine similarity of centred, L2-normalised features above which two images count as near duplicates. Measured on
 # the real dogs-vs-cats photos (README, "Auditing the data"): re-encoded copies (0.5-0.9x size, JPEG quality 41-60)
@@ -482,9 +483,11 @@ def remove_leftovers(run: RunPaths) -> None:
         if path.name.startswith(".audit.old") and not os.path.lexists(run.audit_dir):
             try:
                 os.rename(path, run.audit_dir)
+                drop_lease(path)
                 continue
             except OSError:
                 if not os.path.lexists(run.audit_dir):
+                    release([path])
                     continue  # the only copy of the old audit: kept where it is
         remove_leftover(path)
 
@@ -515,15 +518,7 @@ def publish(tmp: Path, final: Path, old: Path) -> None:
         return
 
 
-def write_audit(audit: Audit, top: int = TOP) -> Path:
-    """Write every file into a hidden folder, then swap it with ``<run>/audit`` (see ``publish``)."""
-    final = AuditPaths(audit.run.audit_dir)
-    tmp = AuditPaths(audit.run.root / f".audit.tmp{os.getpid()}")
-    old = audit.run.root / f".audit.old{os.getpid()}"
-    # This run's leftovers, and those of killed audits of the other runs beside it.
-    for root in sorted({audit.run.root, *(p.parent for p in audit.run.root.parent.glob("*/.audit.*"))}):
-        if (root / "config.json").is_file():
-            remove_leftovers(RunPaths(root))
+def _fill_audit(audit: Audit, top: int, tmp: AuditPaths, final: AuditPaths, old: Path) -> None:
     shutil.rmtree(tmp.root, ignore_errors=True)
     tmp.root.mkdir()
     try:
@@ -542,6 +537,26 @@ def write_audit(audit: Audit, top: int = TOP) -> Path:
     finally:
         shutil.rmtree(tmp.root, ignore_errors=True)  # after a swap: the old audit
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_audit(audit: Audit, top: int = TOP) -> Path:
+    """Write every file into a hidden folder, then swap it with ``<run>/audit`` (see ``publish``)."""
+    final = AuditPaths(audit.run.audit_dir)
+    tmp = AuditPaths(audit.run.root / f".audit.tmp{os.getpid()}")
+    old = audit.run.root / f".audit.old{os.getpid()}"
+    # This run's leftovers, and those of killed audits of the other runs beside it.
+    for root in sorted({audit.run.root, *(p.parent for p in audit.run.root.parent.glob("*/.audit.*"))}):
+        if (root / "config.json").is_file():
+            remove_leftovers(RunPaths(root))
+    try:
+        # Leases, not the pid alone, keep this audit's folders from another container's cleanup (leftovers.py).
+        with lease(tmp.root), lease(old):
+            _fill_audit(audit, top, tmp, final, old)
+    except Exception as exc:  # a full disk may surface wrapped by pandas or matplotlib
+        if not is_disk_full(exc):
+            raise
+        raise FeatstackError(f"{audit.run.root}: no space left on device while writing the audit; the previous "
+                             f"audit folder (if any) is kept as it was: free space there and rerun audit.py") from None
     return final.root
 
 

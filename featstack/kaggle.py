@@ -61,11 +61,12 @@ def find_credentials() -> str:
         f"kaggle.json as {where} and chmod 600 it (or set KAGGLE_USERNAME and KAGGLE_KEY, or KAGGLE_API_TOKEN)")
 
 
-def _base64_forms(value: str) -> list[str]:
-    """``value`` as base64 the ways tools print it: standard and URL-safe, with and without ``=`` padding."""
-    out = []
+def _encoded_forms(value: str | bytes) -> list[str]:
+    """``value`` as tools print it encoded: base64 standard and URL-safe, with and without ``=`` padding, and hex."""
+    raw = value.encode() if isinstance(value, str) else value
+    out = [raw.hex()]
     for encode in (base64.b64encode, base64.urlsafe_b64encode):
-        text = encode(value.encode()).decode()
+        text = encode(raw).decode()
         out += [text, text.rstrip("=")]
     return out
 
@@ -74,28 +75,41 @@ def secrets() -> list[str]:
     """The configured credential values and their base64 forms (the key alone, user:key), longest first."""
     values = [os.environ.get(v, "") for v in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN")]
     pairs = [(values[0], values[1])]
+    keys = [values[1], values[2]]  # what goes after "Bearer "
+    files: list[bytes] = []
     for folder in config_dirs():
+        with contextlib.suppress(OSError):
+            raw = (folder / "kaggle.json").read_bytes()
+            files += [raw, raw.strip()]  # a tool may dump the whole file, encoded, as read or without its newline
         with contextlib.suppress(OSError, ValueError, AttributeError):
             creds = json.loads((folder / "kaggle.json").read_text())
             values += [str(creds.get("username", "")), str(creds.get("key", ""))]
             pairs.append((str(creds.get("username", "")), str(creds.get("key", ""))))
+            keys.append(str(creds.get("key", "")))
+            files.append(json.dumps(creds).encode())  # as json.dumps re-serialises it
         with contextlib.suppress(OSError):
-            values.append((folder / "access_token").read_text().strip())
-    # Some kaggle versions echo the Authorization header, where username:key appears base64-encoded; a key or token
-    # may also be printed base64-encoded on its own.
-    encoded = [form for u, k in pairs if u and k for form in _base64_forms(f"{u}:{k}")]
-    encoded += [form for v in values if v for form in _base64_forms(v)]
+            token = (folder / "access_token").read_text().strip()
+            values.append(token)
+            keys.append(token)
+    # Some kaggle versions echo the Authorization header, where username:key (basic) or "Bearer KEY" appears
+    # base64-encoded; a key, a token or the whole credentials file may also be printed encoded on its own.
+    encoded = [form for u, k in pairs if u and k for form in _encoded_forms(f"{u}:{k}")]
+    encoded += [form for k in keys if k for form in _encoded_forms(f"Bearer {k}")]
+    encoded += [form for v in values if v for form in _encoded_forms(v)]
+    encoded += [form for f in files if f.strip() for form in _encoded_forms(f)]
     # Values under 3 characters cannot be told apart from ordinary text; Kaggle's are far longer.
     return sorted({v for v in values + encoded if len(v) >= 3}, key=len, reverse=True)
 
 
-# Where a tool wraps long lines, a value is split by a line break (and the next line's indentation).
-_WRAP = r"(?:[ \t]*\r?\n[ \t]*)?"
+# Where a tool wraps long lines, a value is split by a line break (and the next line's indentation); where it
+# colours its output, by terminal escape codes (ESC [ ... m and the like), possibly several in a row.
+_WRAP = r"(?:[ \t]*\r?\n[ \t]*|\x1b\[[0-9;?]*[ -/]*[@-~])*"
 
 
 def redact(text: str) -> str:
-    """``text`` with every configured Kaggle credential value replaced by ***: in any letter case, in its base64
-    forms, and split over lines."""
+    """``text`` with every configured Kaggle credential value replaced by ***: in any letter case, in its base64 and
+    hex forms (also of "Bearer KEY", "user:key" and the whole kaggle.json), and split over lines or by colour
+    codes."""
     for value in secrets():
         text = re.sub(_WRAP.join(map(re.escape, value)), "***", text, flags=re.IGNORECASE)
     return text

@@ -13,7 +13,7 @@ from . import hub
 from .backbones import Backbone, keras_cache_dir, resolve, run_backbones, sha256_of
 from .decode import decode_batch, empty, is_image_file
 from .errors import FeatstackError
-from .stack import newest_run, read_run_json
+from .stack import RUN_CONFIG_KEYS, newest_run, read_run_json
 from .store import attrs_damage
 
 
@@ -82,9 +82,33 @@ def expand(photos: list[str]) -> list[str]:
     return out
 
 
+def check_model_file(run: Path, config: dict) -> None:
+    """Refuse a model.joblib other than the one stack.py wrote (the sha256 its config.json records) before anything
+    unpickles it. A run folder written before the sha256 was recorded is loaded with a warning: the record guards
+    against a changed or swapped file, not against a folder made by someone else (see the README on trusting run
+    folders), so refusing old folders would protect nothing."""
+    path = run / "model.joblib"
+    recorded = config.get("model_sha256")
+    if recorded is None:
+        print(f"warning: {run / 'config.json'} records no sha256 of model.joblib (a run from before featstack "
+              "recorded it): loaded unchecked; rerun stack.py to have it checked", file=sys.stderr)
+        return
+    try:
+        sha = sha256_of(path)
+    except OSError as exc:
+        raise FeatstackError(f"{path}: cannot be read ({exc.strerror or exc}); rebuild the run with: "
+                             f"{rebuild_run_command(config)}") from None
+    if sha != recorded:
+        raise FeatstackError(f"{path}: damaged or unreadable (sha256 {sha[:12]}… is not the {str(recorded)[:12]}… "
+                             "that config.json records: the model file was changed or replaced after stack.py wrote "
+                             "it, and loading a pickle runs its code, so it is not loaded); rebuild the run with: "
+                             f"{rebuild_run_command(config)}")
+
+
 def load_fitted(run: Path, config: dict):
     """The run's fitted estimator and classes, or one line naming a damaged model.joblib and how to rebuild it."""
     path = run / "model.joblib"
+    check_model_file(run, config)
     try:
         fitted = joblib.load(path)
         return fitted["estimator"], fitted["classes"]
@@ -140,7 +164,11 @@ class Predictor:
         config_path = self.run / "config.json"
         if not config_path.is_file():
             raise FeatstackError(f"--run {self.run}: not a stack.py run folder (no config.json)")
-        self.config = read_run_json(config_path)
+        self.config = read_run_json(config_path, RUN_CONFIG_KEYS)
+        for name in self.config["backbones"]:
+            if not isinstance(self.config["feature_files"].get(name), dict):
+                raise FeatstackError(f"{config_path}: damaged or unreadable (no feature_files entry for backbone "
+                                     f"{name!r}); remove the run folder {self.run} and rerun stack.py to rebuild it")
         self.estimator, self.classes = load_fitted(self.run, self.config)
         self.backbones = []
         for name in self.config["backbones"]:

@@ -18,9 +18,10 @@ from sklearn.exceptions import ConvergenceWarning
 
 from . import models as M
 from . import reports
+from .backbones import sha256_of as sha256_file
 from .errors import FeatstackError
 from .features import FeatureSet, exclude_training_rows, load_features
-from .leftovers import dead_leftovers, remove_leftover
+from .leftovers import dead_leftovers, lease, remove_leftover
 from .paths import MODELS_DIR, RunPaths
 from .split import is_disk_full
 
@@ -47,6 +48,11 @@ def _check_trainable(fs: FeatureSet, folds: int) -> None:
         raise FeatstackError(f"{fs.paths.split_csv}: class {missing[0]!r} has holdout rows but no training rows"
                              f"{f' (and {len(missing) - 1} more such classes)' if len(missing) > 1 else ''}; "
                              "put some of its rows in training (split column) or drop the class")
+    taken = [c for c in fs.classes if c in RESERVED_COLUMNS]
+    if taken:
+        raise FeatstackError(f"{fs.paths.split_csv}: a class is named {taken[0]!r}, which is a column of every "
+                             "predictions file and submission (id, label); rename that class in the data (its folder "
+                             "or its labels.csv value) and rerun extract_features.py")
     if counts.min() < folds:
         raise FeatstackError(f"class {counts.idxmin()!r} has {counts.min()} training rows, fewer than --folds {folds}; "
                              "lower --folds or add images of that class")
@@ -181,29 +187,12 @@ def _write_run(run: RunPaths, estimator, config, report, fs, classes, train, hol
     tmp = RunPaths(run.root.parent / f".{run.run_id}.tmp{os.getpid()}")
     try:
         run.root.parent.mkdir(parents=True, exist_ok=True)
-        for stray in dead_leftovers(run.root.parent, LEFTOVER):  # folders of stack.py runs that were killed
-            remove_leftover(stray)
-        shutil.rmtree(tmp.root, ignore_errors=True)
-        tmp.root.mkdir()
-        joblib.dump({"estimator": estimator, "classes": classes, "backbones": list(fs.blocks)}, tmp.model_joblib)
-        tmp.config_json.write_text(json.dumps(config, indent=2, default=str))
-        reports.predictions_frame(fs.ids[train], oof, classes, fs.labels[train]).to_csv(tmp.oof_csv, index=False)
-        reports.predictions_frame(fs.ids[holdout], ho_proba, classes, fs.labels[holdout]).to_csv(tmp.holdout_csv,
-                                                                                                  index=False)
-        reports.predictions_frame(test_ids, test_proba, classes).to_csv(tmp.test_csv, index=False)
-        tmp.report_json.write_text(json.dumps(report, indent=2))
-        tmp.report_md.write_text(reports.markdown(report))
-        if len(holdout):
-            title = f"{run.run_id}: holdout" + (" (RANDOM weights)" if fs.random_weights else "")
-            reports.plot_confusion(y_holdout, ho_proba, classes, tmp.confusion_png, title)
-        try:
-            os.rename(tmp.root, run.root)
-        except OSError as exc:
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-            # Another stack.py run with the same --run-id finished first; its folder stays whole.
-            raise FeatstackError(f"run folder {run.root} was written meanwhile by another stack.py run with the same "
-                                 "run id; this run kept nothing: pass another --run-id") from None
+        with lease(tmp.root):  # other containers sharing the models folder see this run live, whatever its pid
+            try:
+                _fill_run(run, tmp, estimator, config, report, fs, classes, train, holdout, test_ids, oof, ho_proba,
+                          test_proba, y_holdout)
+            finally:
+                shutil.rmtree(tmp.root, ignore_errors=True)
     except Exception as exc:  # a full disk may surface wrapped by joblib, pandas or matplotlib
         if not is_disk_full(exc):
             raise
@@ -214,13 +203,55 @@ def _write_run(run: RunPaths, estimator, config, report, fs, classes, train, hol
         shutil.rmtree(tmp.root, ignore_errors=True)
 
 
-def read_run_json(path: Path) -> dict:
-    """A run folder's config.json or report.json, or one line naming it when it is damaged."""
+def _fill_run(run: RunPaths, tmp: RunPaths, estimator, config, report, fs, classes, train, holdout, test_ids, oof,
+              ho_proba, test_proba, y_holdout):
+    for stray in dead_leftovers(run.root.parent, LEFTOVER):  # folders of stack.py runs that were killed
+        remove_leftover(stray)
+    shutil.rmtree(tmp.root, ignore_errors=True)
+    tmp.root.mkdir()
+    joblib.dump({"estimator": estimator, "classes": classes, "backbones": list(fs.blocks)}, tmp.model_joblib)
+    # What predict.py, serve.py and submit.py check before unpickling: the model file this run wrote.
+    config = {**config, "model_sha256": sha256_file(tmp.model_joblib)}
+    tmp.config_json.write_text(json.dumps(config, indent=2, default=str))
+    reports.predictions_frame(fs.ids[train], oof, classes, fs.labels[train]).to_csv(tmp.oof_csv, index=False)
+    reports.predictions_frame(fs.ids[holdout], ho_proba, classes, fs.labels[holdout]).to_csv(tmp.holdout_csv,
+                                                                                              index=False)
+    reports.predictions_frame(test_ids, test_proba, classes).to_csv(tmp.test_csv, index=False)
+    tmp.report_json.write_text(json.dumps(report, indent=2))
+    tmp.report_md.write_text(reports.markdown(report))
+    if len(holdout):
+        title = f"{run.run_id}: holdout" + (" (RANDOM weights)" if fs.random_weights else "")
+        reports.plot_confusion(y_holdout, ho_proba, classes, tmp.confusion_png, title)
     try:
-        return json.loads(path.read_text())
+        os.rename(tmp.root, run.root)
+    except OSError as exc:
+        if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+            raise
+        # Another stack.py run with the same --run-id finished first; its folder stays whole.
+        raise FeatstackError(f"run folder {run.root} was written meanwhile by another stack.py run with the same "
+                             "run id; this run kept nothing: pass another --run-id") from None
+
+
+def read_run_json(path: Path, required: dict | None = None) -> dict:
+    """A run folder's config.json or report.json, or one line naming it when it is damaged: not a JSON object, or
+    lacking one of the ``required`` keys ({key: type}) as a non-empty value of that type."""
+    def damaged(what: str) -> FeatstackError:
+        return FeatstackError(f"{path}: damaged or unreadable ({what}); remove the run folder {path.parent} and rerun "
+                              "stack.py to rebuild it")
+    try:
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise FeatstackError(f"{path}: damaged or unreadable ({str(exc).splitlines()[0][:80]}); remove the run folder "
-                             f"{path.parent} and rerun stack.py to rebuild it") from None
+        raise damaged(str(exc).splitlines()[0][:80]) from None
+    if not isinstance(data, dict):
+        raise damaged(f"a JSON {type(data).__name__}, not an object")
+    for key, kind in (required or {}).items():
+        if not isinstance(data.get(key), kind) or not data[key]:
+            raise damaged(f"no {key!r} {getattr(kind, '__name__', 'value')}")
+    return data
+
+
+RUN_CONFIG_KEYS = {"backbones": list, "feature_files": dict, "classes": list}  # what loading a run's model needs
+RESERVED_COLUMNS = ("id", "label")  # the predictions files' own columns: a class of that name would collide
 
 
 def _C_mode(report: dict, config: dict) -> str:
@@ -233,7 +264,7 @@ def _C_mode(report: dict, config: dict) -> str:
     return "auto:" + (f"{chosen[0]:g}" if len(chosen) == 1 else f"{chosen[0]:g}-{chosen[-1]:g}")
 
 
-RUN_COLUMNS = ["id", "backbones", "model", "train_rows", "exclude", "C", "level2_C", "labels", "cv_log_loss",
+RUN_COLUMNS = ["id", "backbones", "model", "weights", "train_rows", "exclude", "C", "level2_C", "labels", "cv_log_loss",
                "cv_estimate", "holdout_log_loss", "holdout_accuracy", "seconds"]
 
 
@@ -247,20 +278,44 @@ def runs_table(models_dir: str | Path = MODELS_DIR, dataset: str | None = None) 
         if dataset and r.get("dataset") != dataset:
             continue
         config = read_run_json(rep.parent / "config.json") if (rep.parent / "config.json").exists() else {}
-        ho = r.get("holdout") or {}
-        excluded = r.get("excluded") or {}
-        trained_on = config.get("trained_on") or {}
-        level2 = r.get("level2") or {}
-        rows.append({"id": r["run_id"], "backbones": ",".join(r["backbones"]), "model": r["model"],
-                     "train_rows": (r.get("rows") or {}).get("train"),
-                     "exclude": f"{Path(excluded['file']).name} ({excluded['train_rows']})" if excluded else "-",
-                     "C": _C_mode(r, config), "level2_C": f"{level2['C']:g}" if "C" in level2 else "-",
-                     "labels": str(trained_on.get("labels_sha256", ""))[:8] or "-",
-                     "cv_log_loss": r["cv"]["log_loss"], "cv_estimate": r["cv"].get("estimate", "?").split(":")[0],
-                     "holdout_log_loss": ho.get("log_loss", np.nan), "holdout_accuracy": ho.get("accuracy", np.nan),
-                     "seconds": float(r["seconds"])})
+        try:
+            rows.append(_run_row(r, config))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise FeatstackError(f"{rep}: damaged ({type(exc).__name__} {str(exc)[:60]}: not a report stack.py "
+                                 f"wrote); remove the run folder {rep.parent} and rerun stack.py to rebuild it, "
+                                 "then --list again") from None
     # Best first by CV log loss: choosing runs by holdout score would leak the holdout into model choice.
     return pd.DataFrame(rows, columns=RUN_COLUMNS).sort_values("cv_log_loss", kind="stable")
+
+
+WEIGHT_KINDS = {"imagenet": "imagenet", "random": "random", "dir": "folder", "file": "file", "preset": "preset"}
+
+
+def weights_kind(r: dict, config: dict) -> str:
+    """Where a run's backbones' weights came from: imagenet, random, folder (--weights FOLDER), file (a model file),
+    preset (a hub preset); several joined by +."""
+    kinds = []
+    for attrs in (config.get("feature_files") or {}).values():
+        kind = WEIGHT_KINDS.get(str(attrs.get("weights")), str(attrs.get("weights")))
+        if kind not in kinds:
+            kinds.append(kind)
+    return "+".join(kinds) or str(r.get("weights") or "?")
+
+
+def _run_row(r: dict, config: dict) -> dict:
+    ho = r.get("holdout") or {}
+    excluded = r.get("excluded") or {}
+    trained_on = config.get("trained_on") or {}
+    level2 = r.get("level2") or {}
+    return {"id": str(r["run_id"]), "backbones": ",".join(r["backbones"]), "model": str(r["model"]),
+            "weights": weights_kind(r, config), "train_rows": (r.get("rows") or {}).get("train"),
+            "exclude": f"{Path(excluded['file']).name} ({excluded['train_rows']})" if excluded else "-",
+            "C": _C_mode(r, config), "level2_C": f"{level2['C']:g}" if "C" in level2 else "-",
+            "labels": str(trained_on.get("labels_sha256", ""))[:8] or "-",
+            "cv_log_loss": float(r["cv"]["log_loss"]), "cv_estimate": r["cv"].get("estimate", "?").split(":")[0],
+            "holdout_log_loss": float(ho.get("log_loss", np.nan)),
+            "holdout_accuracy": float(ho.get("accuracy", np.nan)),
+            "seconds": float(r["seconds"])}
 
 
 def list_runs(models_dir: str | Path = MODELS_DIR, features: str | Path | None = None) -> pd.DataFrame:

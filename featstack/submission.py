@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import os
+import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -70,10 +74,20 @@ def validate(frame: pd.DataFrame, expected_ids: list[str], expected_columns: lis
                   "submission")
 
 
-def read_predictions(run: Path) -> pd.DataFrame:
-    """A run's test_predictions.csv as written, checked as read (reports.read_predictions) and not empty."""
+def run_classes(run: Path, config: dict) -> list[str]:
+    """The run's class list as its config.json records it: what a submission's class columns must be."""
+    classes = config.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise FeatstackError(f"{run / 'config.json'}: damaged or unreadable (no 'classes' list of names); remove the "
+                             f"run folder {run} and rerun stack.py to rebuild it")
+    return classes
+
+
+def read_predictions(run: Path, classes: list[str] | None = None) -> pd.DataFrame:
+    """A run's test_predictions.csv as written, checked as read (reports.read_predictions) against the run's own
+    class list (a missing or extra class column is refused), and not empty."""
     path = RunPaths(run).test_csv
-    pred = reports.read_predictions(path)
+    pred = reports.read_predictions(path, classes)
     if pred.empty:
         raise FeatstackError(f"{path}: a header without rows: run {run.name} has no test predictions (its dataset "
                              "had no test images when stack.py ran), so there is nothing to submit")
@@ -115,24 +129,76 @@ def _clip(p: np.ndarray, clip: float | None) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
+def read_sample(path: Path, given: bool) -> pd.DataFrame:
+    """A sample submission as a table with an id column, or one line naming the file and what is wrong with it."""
+    where = f"--sample {path}" if given else f"{path} (the dataset's sample submission)"
+    fix = "pass the competition's sample_submission.csv with --sample"
+    compressed = path.suffix.lower() in (".gz", ".zip", ".bz2", ".xz", ".zst")
+    try:
+        if not compressed:
+            raw = path.read_bytes()
+            nul = raw.find(b"\0")
+            if nul >= 0:
+                raise FeatstackError(f"{where}: binary content (a NUL byte at byte {nul}), not a CSV table; {fix}")
+            try:
+                raw.decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                raise FeatstackError(f"{where}: not UTF-8 text (byte {exc.start}), not a CSV table; {fix}") from None
+        frame = pd.read_csv(path, dtype={"id": str})
+    except FeatstackError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # pandas' parser and empty-file errors too
+        raise FeatstackError(f"{where}: cannot be read as a CSV table ({str(exc).strip().splitlines()[0][:100]}); "
+                             f"{fix}") from None
+    if "id" not in frame.columns:
+        raise FeatstackError(f"{path}: no id column; is it the competition's sample_submission.csv?")
+    return frame
+
+
+def check_fit(run: Path, fmt: str, explicit: bool, labels: bool, meta: dict, classes: list[str],
+              sample_frame: pd.DataFrame | None, sample_path: Path | None, force: bool) -> None:
+    """Refuse a submission in a format that does not fit the run's dataset, unless ``force``: a sample submission
+    whose columns are not the format's for the run's classes, or an explicit --format of another competition."""
+    layout = meta.get("layout")
+    problem = None
+    if sample_frame is not None:
+        got = [str(c) for c in sample_frame.columns[1:]]
+        want = ["label"] if fmt == "cats-dogs" or (fmt == "generic" and labels) else classes
+        if set(got) != set(want):
+            problem = (f"{sample_path} has the columns id, {_first(got)}, but a {fmt} submission of run {run.name} "
+                       f"(classes {_first(classes)}) has id, {_first(want)}: is it another competition's sample?")
+    if problem is None and explicit and fmt in LAYOUT_FORMATS:
+        if layout in LAYOUT_FORMATS and layout != fmt:
+            problem = f"--format {fmt}: run {run.name} was trained on a {layout} dataset (classes {_first(classes)})"
+        elif fmt == "dog-breed" and layout != "dog-breed" and sample_frame is None:
+            problem = (f"--format dog-breed: run {run.name} was trained on a {layout or 'generic'} dataset (classes "
+                       f"{_first(classes)}) and no sample submission says it is that competition's")
+    if problem is None:
+        return
+    if not force:
+        raise FeatstackError(f"{problem}; pass the right --sample or --format (auto follows the dataset), or --force "
+                             f"to write it anyway")
+    print(f"warning: {problem}; written anyway (--force)", file=sys.stderr)
+
+
 def build(run: Path, fmt: str = "auto", sample: str | Path | None = None, clip: float | None = None,
-          labels: bool = False) -> tuple[pd.DataFrame, str]:
+          labels: bool = False, force: bool = False) -> tuple[pd.DataFrame, str]:
     """The validated submission table for a run, and the format it was built in."""
     config = read_run_json(run / "config.json")
     meta = config.get("dataset_meta") or {}
     if fmt not in FORMATS:
         raise FeatstackError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    explicit = fmt != "auto"
     if fmt == "auto":
         fmt = LAYOUT_FORMATS.get(meta.get("layout"), "generic")
-    pred = read_predictions(run)
-    classes = list(pred.columns[1:])
+    classes = run_classes(run, config)
+    pred = read_predictions(run, classes)
     recorded = meta.get("sample_submission")
     sample_path = Path(sample) if sample else (Path(recorded) if recorded else None)
     if sample and not sample_path.is_file():
         raise FeatstackError(f"--sample {sample}: no such file")
-    sample_frame = pd.read_csv(sample_path, dtype={"id": str}) if sample_path and sample_path.is_file() else None
-    if sample_frame is not None and "id" not in sample_frame.columns:
-        raise FeatstackError(f"{sample_path}: no id column; is it the competition's sample_submission.csv?")
+    sample_frame = read_sample(sample_path, bool(sample)) if sample_path and sample_path.is_file() else None
+    check_fit(run, fmt, explicit, labels, meta, classes, sample_frame, sample_path, force)
     expected, source = expected_test_ids(run, config, sample_frame, sample_path)
     _check_ids(pred, expected, source, RunPaths(run).test_csv)
     proba = pred[classes].to_numpy(dtype=float)
@@ -233,13 +299,15 @@ def append_log(log: Path, row: dict) -> None:
         newline = "\n" if head is not None and not head.endswith(b"\r\n") and head.endswith(b"\n") else "\r\n"
         line = io.StringIO()
         csv.writer(line, lineterminator=newline).writerow([row.get(c, "") if c in LOG_COLUMNS else "" for c in columns])
-        if header is None or columns == header:
-            with open(log, "a" if header is not None else "w", encoding="utf-8", newline="") as f:
-                if header is None:
-                    csv.writer(f, lineterminator=newline).writerow(columns)
-                elif not raw.endswith(b"\n"):
-                    f.write(newline)
-                f.write(line.getvalue())
+        if header is None:
+            first = io.StringIO()
+            csv.writer(first, lineterminator=newline).writerow(columns)
+            body = first.getvalue().encode() + line.getvalue().encode()
+            write_atomic(log, lambda p: p.write_bytes(body))  # a new log appears whole or not at all
+            return
+        if columns == header:
+            _append_whole((b"" if raw.endswith(b"\n") else newline.encode()) + line.getvalue().encode(), log,
+                          len(raw))
             return
         bom = b"\xef\xbb\xbf" if raw.startswith(b"\xef\xbb\xbf") else b""
         new_head = io.StringIO()
@@ -252,6 +320,57 @@ def append_log(log: Path, row: dict) -> None:
         # Only the header line changes; the rename makes the new log appear whole or not at all.
         body = bom + new_head.getvalue().encode() + rest + line.getvalue().encode()
         write_atomic(log, lambda p: p.write_bytes(body))
+
+
+def _append_whole(data: bytes, log: Path, size: int) -> None:
+    """Append ``data`` to ``log`` (``size`` bytes long, as read under the lock) in one write, or leave the log as it
+    was: a short write (a full disk) or an error cuts the file back to its old length."""
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    try:
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} ({written} of {len(data)} bytes written)")
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+OWNED_NAMES = {"log.csv", ".log.csv.lock"}
+
+
+def check_out(out: Path, log: Path) -> None:
+    """Refuse an --out that names a file featstack owns: the submissions log (and its lock), or anything inside a
+    run folder or a feature store; a submission written there would destroy it."""
+    target = out.resolve()
+    what = None
+    if target == log.resolve():
+        what = f"the submissions log {log}"
+    elif target == log.with_name(f".{log.name}.lock").resolve() or target.name in OWNED_NAMES:
+        what = "the name of a submissions log (or its lock), in this or another --submissions-dir"
+    else:
+        for folder in target.parents:
+            if (folder / "config.json").is_file() and (folder / "report.json").is_file():
+                what = f"inside the run folder {folder}"
+            elif (folder / "split.csv").is_file() and (folder / "dataset.json").is_file():
+                what = f"inside the feature store {folder}"
+            if what:
+                break
+    if what:
+        raise FeatstackError(f"--out {out}: that is {what}, which featstack writes itself: a submission there would "
+                             "overwrite it; nothing was written: pass another --out (or leave it out for "
+                             "submissions/<run-id>.csv)")
+
+
+def check_model(run: Path, config: dict) -> None:
+    """A run whose model.joblib differs from the sha256 its config.json records is not submitted: its predictions
+    may not be that model's either. Runs from before the record are submitted as they are (nothing is unpickled)."""
+    if config.get("model_sha256") is None:
+        return
+    from .predict import check_model_file
+    check_model_file(run, config)
 
 
 def _random_weights(config: dict) -> bool:
@@ -273,10 +392,12 @@ def submit(run: str | Path | None = None, *, fmt: str = "auto", sample: str | Pa
         raise FeatstackError(f"run {run.name} was trained on features of RANDOM weights (weights=random): sending it "
                              "to Kaggle is almost certainly a mistake; extract with ImageNet weights, or pass --force "
                              "to submit anyway")
-    frame, fmt = build(run, fmt, sample, clip, labels)
     log = Path(submissions_dir) / "log.csv"
-    check_log(log)  # a log that cannot take the row stops the run before the submission file is written
     out = Path(out) if out else Path(submissions_dir) / f"{run.name}.csv"
+    check_out(out, log)
+    check_model(run, config)
+    frame, fmt = build(run, fmt, sample, clip, labels, force)
+    check_log(log)  # a log that cannot take the row stops the run before the submission file is written
     compression = "gzip" if out.name.endswith(".gz") else None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -311,6 +432,15 @@ def submit(run: str | Path | None = None, *, fmt: str = "auto", sample: str | Pa
     finally:
         from .kaggle import redact
         # The file path stays as is: a Kaggle username is often also the home folder's name.
-        append_log(log, {k: v if k == "file" else redact(str(v)) for k, v in row.items()})
+        try:
+            append_log(log, {k: v if k == "file" else redact(str(v)) for k, v in row.items()})
+        except Exception as exc:
+            if not is_disk_full(exc):
+                raise
+            # The submission file is whole (written through a rename) and stays: it may be what Kaggle now scores.
+            sent = " and submitted" if row["status"] == "submitted" else ""
+            raise FeatstackError(f"{log}: no space left on device while adding this submission's row; log.csv is "
+                                 f"unchanged, and {out} was written{sent} and is kept: free space there, then rerun "
+                                 "submit.py" + (" without --submit" if sent else "") + " to log it") from None
     print(out)
     return out

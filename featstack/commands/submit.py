@@ -28,7 +28,8 @@ def main(argv=None, prog=None):
     p.add_argument("--submit", metavar="COMPETITION", default=None, help="submit with: kaggle competitions submit")
     p.add_argument("-m", "--message", default=None, help="submission message")
     p.add_argument("--force", action="store_true",
-                   help="--submit even a run trained on random-weight features (refused without it)")
+                   help="--submit even a run trained on random-weight features, or write a --format (or --sample) "
+                        "that does not fit the run's dataset (both refused without it)")
     p.add_argument("--models-dir", default=str(MODELS_DIR), help="where runs are (default models/)")
     p.add_argument("--submissions-dir", default=str(SUBMISSIONS_DIR), help="default output folder and log.csv")
     a = parse_command(p, argv)
