@@ -67,9 +67,16 @@ def build_config(a: argparse.Namespace):
         progress=not a.no_progress)
 
 
+def check_options(a: argparse.Namespace) -> None:
+    """Option values argparse's types let through but no run can use: one line each, before anything is read."""
+    from ..split import check_holdout
+    check_holdout(a.holdout)
+
+
 def main(argv=None, prog=None):
     a = parse_args(argv, prog)
     from ..extract import extract
+    run_main(check_options, a)
     summary = run_main(extract, build_config(a))
     if a.summary_json:
         import json
