@@ -226,12 +226,11 @@ def read_split(paths: DatasetPaths) -> pd.DataFrame:
     refuse(split["split"].eq("test") == split["label"].ne(""),
            lambda r: ("a test row has a label" if r["label"] else f"a {r['split']} row has no label")
            + f" (id {r['id']!r}); test rows are the unlabelled ones; {fix}")
-    first_line = {}
-    for k, image_id in enumerate(split["id"]):  # every id once: OOF and holdout predictions never share an image
-        if first_line.setdefault(image_id, k + 2) != k + 2:
-            raise FeatstackError(f"{where}: line {k + 2}: id {image_id!r} is listed again (first on line "
-                                 f"{first_line[image_id]}); an image has one side of the split: remove one of the "
-                                 "two lines")
+    # Every id once: an id listed twice lands in both the out-of-fold and the holdout predictions.
+    first_line = split["id"].map(dict(zip(split["id"][::-1], range(len(split) + 1, 1, -1))))
+    refuse(split["id"].duplicated(), lambda r: f"id {r['id']!r} is listed again (first on line "
+                                               f"{first_line[r.name]}); an image has one side of the split: remove "
+                                               "one of the two lines")
     split["label"] = pd.Series([l or None for l in split["label"]], index=split.index, dtype=object)
     return split
 
