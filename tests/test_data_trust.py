@@ -132,3 +132,13 @@ def test_holdout_outside_zero_to_one_is_one_line(tmp_path, cats_dogs, value, cap
     assert re.fullmatch(rf"error: --holdout {re.escape(str(float(value)))}: must be at least 0 and below 1 .*",
                         lines[0]), lines[0]
     assert not (tmp_path / "f").exists()
+
+
+def test_holdout_nan_through_the_library_is_one_line_too(tmp_path, cats_dogs, capsys):
+    """ExtractConfig(holdout=nan): the detection summary crashed on round(nan) before the refusal could speak."""
+    from featstack.extract import ExtractConfig, extract
+    with pytest.raises(FeatstackError, match=r"--holdout nan: must be at least 0 and below 1"):
+        extract(ExtractConfig(cats_dogs, backbones=["vgg16"], weights="random", image_size=32,
+                              holdout=float("nan"), features_dir=tmp_path / "f", progress=False))
+    assert "12 labelled (--holdout nan is refused)" in capsys.readouterr().out
+    assert not list((tmp_path / "f").rglob("split.csv"))
