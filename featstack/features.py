@@ -1,6 +1,7 @@
 """Load cached features of chosen backbones, joined on id (never on row position), with split and labels."""
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from .paths import DatasetPaths
 from .split import read_dataset_meta, read_split
 from .store import read_attrs, read_entry, rebuild_command, stack_names
 
+EXCLUDE_MAX_BYTES = 16 * 2**20  # --exclude: 16 MiB holds a few hundred thousand ids, more than any real list
 # Attributes that must agree across backbones stacked together; input size and weights file differ by design.
 MUST_AGREE = ("pooling", "tta", "precision")
 # A hub encoder's own readout (class token, image embedding) is its default, not a choice that could disagree.
@@ -213,9 +215,17 @@ def exclude_training_rows(fs: FeatureSet, file: str | Path) -> dict:
     """
     path = Path(file)
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        # Read at most EXCLUDE_MAX_BYTES: /dev/zero or a wrong multi-gigabyte file must not fill the memory.
+        with open(path, "rb") as f:
+            raw = f.read(EXCLUDE_MAX_BYTES + 1)
+        if len(raw) > EXCLUDE_MAX_BYTES:
+            raise FeatstackError(f"--exclude {file}: larger than {EXCLUDE_MAX_BYTES // 2**20} MiB, far more than a "
+                                 "list of ids; pass a CSV with an id column (audit.py's label_issues.csv)")
+        table = pd.read_csv(io.BytesIO(raw), dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise FeatstackError(f"--exclude {file}: no such file") from None
+    except IsADirectoryError:
+        raise FeatstackError(f"--exclude {file}: a folder; pass a CSV with an id column") from None
     except (ValueError, OSError) as exc:
         raise FeatstackError(f"--exclude {file}: cannot read it as CSV ({str(exc).splitlines()[0][:80]})") from None
     if "id" not in table.columns:

@@ -182,7 +182,14 @@ def build_model(folder: Path, class_name: str, dtype: str | None = None):
     import keras
     keras_hub = import_hub()
     # A preset's config names its own dtype; --precision bf16 must override it, as it does for the registry.
-    backbone = keras_hub.models.Backbone.from_preset(str(folder), **({"dtype": dtype} if dtype else {}))
+    try:
+        backbone = keras_hub.models.Backbone.from_preset(str(folder), **({"dtype": dtype} if dtype else {}))
+    except Exception as exc:  # keras-hub and h5py raise ValueError, OSError, KeyError... for a damaged folder
+        cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise FeatstackError(
+            f"--backbones hub:{folder}: the preset's weights do not load into the model its config.json describes "
+            f"({cause}); the weights file is truncated, damaged or from another preset: restore the folder as "
+            "save_to_preset wrote it (config.json and model.weights.h5 of the same preset)") from None
     encoder = backbone.vision_encoder if class_name in EMBEDDING_CLASSES else backbone
     images = keras.Input(shape=encoder.image_shape, name="images")
     out = encoder({"images": images})

@@ -16,6 +16,10 @@ COLUMNS = ["id", "path", "label", "split"]
 CATS_DOGS_NAME = re.compile(r"^(cat|dog)\.\d+$")
 WORDNET_FOLDER = re.compile(r"^n\d{8}-(.+)$")  # Stanford Dogs / ImageNet: n02085620-Chihuahua
 TEST_FOLDERS = ("test", "test1")
+# Folder names that are a split or an image store, never a class guessed by auto-detection (test/ and test1/ are
+# read as the test split): test_images, test2019, test-jpg, images, jpeg...
+NOT_A_CLASS = re.compile(r"^(test(ing)?([\d_\-. ].*)?|images?|imgs?|jpe?g|png|photos|pictures)$", re.IGNORECASE)
+SAMPLE_SUBMISSION = re.compile(r"^sample_?submission", re.IGNORECASE)
 STANFORD_LISTS = ("train_list.mat", "test_list.mat")
 _UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
           "seventeen eighteen nineteen").split()
@@ -99,6 +103,12 @@ class Reader:
         table = pd.DataFrame(self.rows, columns=COLUMNS)
         # Folders are resolved, the file itself is not: a dangling link stays a link the decoder can name.
         table["path"] = [str((self.data / rel).parent.resolve() / PurePosixPath(rel).name) for rel in table["path"]]
+        if not any(os.path.exists(p) for p in table["path"]):
+            # Not one image to read: every one would be a "file not found" in bad_images.csv and the run would
+            # look done. A few missing ones are the decoder's to report; all of them is a wrong path.
+            raise FeatstackError(f"{self.source}: none of its {len(table)} images can be opened (first: "
+                                 f"{table['path'].iloc[0]}, a broken link or a wrong path); fix the paths or "
+                                 "pass another --data")
         dup = table["id"].duplicated(keep=False)
         if dup.any():
             first = table.loc[dup, "id"].iloc[0]
@@ -143,6 +153,10 @@ def _name_classes(table: pd.DataFrame, folder_of_row: list[str | None], every: b
 
 def read_dog_breed(data: Path, files: list[str]) -> pd.DataFrame:
     labels_csv = data / "labels.csv"
+    if not labels_csv.is_file():
+        raise FeatstackError(f"{data}: --layout dog-breed needs labels.csv (columns id,breed) beside train/, and "
+                             f"there is none; add it, or leave --layout out: auto-detection is the default "
+                             f"(--layout auto){_detected_hint(data, files)}")
     try:
         labels = pd.read_csv(labels_csv, dtype=str, keep_default_na=False)
     except Exception as exc:
@@ -183,6 +197,14 @@ def read_dog_breed(data: Path, files: list[str]) -> pd.DataFrame:
     return reader.table("images go in train/ and test/")
 
 
+def _detected_hint(data: Path, files: list[str]) -> str:
+    """", which reads this folder as X" when auto-detection knows the folder, else nothing."""
+    try:
+        return f", which would read this folder as the {detect_layout(data, files)} layout"
+    except FeatstackError:
+        return ""
+
+
 def read_cats_dogs(data: Path, files: list[str]) -> pd.DataFrame:
     reader = Reader(data, "cats-dogs", files)
     for rel in files:
@@ -196,12 +218,19 @@ def read_cats_dogs(data: Path, files: list[str]) -> pd.DataFrame:
     return reader.table("images go in train/ and test/ or test1/")
 
 
-def _class_root(data: Path) -> Path:
-    return data / "Images" if (data / "Images").is_dir() else data  # Stanford Dogs keeps classes under Images/
+def _class_root(data: Path, files: list[str]) -> Path:
+    """Where the class folders are: Images/ (Stanford Dogs), train/ when it holds only class folders and no loose
+    images (train/<class>/*.png beside test/*.png, as plant-seedlings), else the data folder itself."""
+    if (data / "Images").is_dir():
+        return data / "Images"
+    in_train = [f.count("/") for f in files if f.startswith("train/")]
+    if in_train and min(in_train) >= 2:
+        return data / "train"
+    return data
 
 
 def read_folders(data: Path, files: list[str]) -> pd.DataFrame:
-    root = _class_root(data)
+    root = _class_root(data, files)
     prefix = root.relative_to(data).parts
     reader = Reader(data, "folders", files)
     folder_of_row = []
@@ -293,11 +322,33 @@ def read_manifest(manifest: Path) -> pd.DataFrame:
             split = "test"
         elif split == "test":
             label = None
-        reader.add(rec["path"], str(path), label, split)
+        # The path as written: the reader joins it to the manifest's folder once (an absolute path stays itself).
+        reader.add(rec["path"], rec["path"], label, split)
     table = reader.table("")
     if table["split"].eq("holdout").any():
         table.attrs["holdout_source"] = f"the split column of {manifest.name}"
     return table
+
+
+def _refuse_guessed_classes(data: Path, root: Path, classes: list[str]) -> None:
+    """Auto-detection reads folders as classes only where nothing says otherwise: a CSV beside them most likely
+    holds the labels (cassava: train.csv + train_images/ + test_images/), and a folder named like a split or an
+    image store (test_images/, test2019/, images/, jpeg/) is not a class. Each is one line naming the flag to pass."""
+    where = f" in {root.relative_to(data).as_posix()}/" if root != data else ""
+    shown = ", ".join(f"{c}/" for c in classes[:4]) + (f" ... ({len(classes)} folders)" if len(classes) > 4 else "")
+    csvs = sorted(p.name for p in data.glob("*") if p.suffix.lower() == ".csv" and p.is_file()
+                  and not SAMPLE_SUBMISSION.match(p.stem))
+    if csvs:
+        raise FeatstackError(
+            f"{data}: {csvs[0]} lies beside the image folders {shown}{where}, so their names are not taken as the "
+            f"classes; if {csvs[0]} holds the labels, write a manifest.csv (path,label[,split]) from it and pass "
+            f"--data that manifest (--layout manifest); if the folders are the classes, pass --layout folders")
+    named = [c for c in classes if NOT_A_CLASS.match(c)]
+    if named:
+        raise FeatstackError(
+            f"{data}: the folder {named[0]}/{where} is named like a test split or an image store, not a class; "
+            f"put unlabelled test images directly in test/, or give the labels in a manifest.csv (path,label[,split]) "
+            f"and pass --layout manifest; if {named[0]}/ really is a class, pass --layout folders")
 
 
 def detect_layout(data: Path, files: list[str]) -> str:
@@ -314,12 +365,16 @@ def detect_layout(data: Path, files: list[str]) -> str:
         return "cats-dogs"
     if (data / "manifest.csv").is_file():
         return "manifest"
-    root = _class_root(data)
+    root = _class_root(data, files)
     prefix = root.relative_to(data).as_posix() + "/" if root != data else ""
+    classes = set()
     for f in files:
         inner = PurePosixPath(f[len(prefix):]).parts if f.startswith(prefix) else ()
         if len(inner) >= 2 and inner[0] not in TEST_FOLDERS and not inner[0].startswith("."):
-            return "folders"
+            classes.add(inner[0])
+    if classes:
+        _refuse_guessed_classes(data, root, sorted(classes))
+        return "folders"
     raise FeatstackError(
         f"{data}: unknown dataset layout; expected one of: dog-breed (labels.csv + train/), cats-dogs "
         "(train/cat.<n>.jpg, train/dog.<n>.jpg), stanford-dogs (Images/ + lists/*.mat), folders (one folder of "
@@ -386,6 +441,8 @@ def describe(table: pd.DataFrame, holdout: float | None = None, examples: int = 
             parts.append(f"{n} {split}" + (f" ({attrs['holdout_source']})" if split == "holdout" else ""))
     if free and holdout is None:
         parts.append(f"{free} labelled (train, less the stratified --holdout share)")
+    elif free and not 0 <= holdout < 1:  # refused before any split is made; nan has no share to show
+        parts.append(f"{free} labelled (--holdout {holdout} is refused)")
     elif free and holdout == 0:
         parts.append(f"{free} labelled, all train (--holdout 0)")
     elif free:

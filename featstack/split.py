@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -35,10 +36,16 @@ def write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def check_holdout(holdout) -> None:
+    """--holdout is a fraction in [0, 1): nan, inf and the like are refused before anything is read or written."""
+    if not (isinstance(holdout, (int, float)) and math.isfinite(holdout) and 0 <= holdout < 1):
+        raise FeatstackError(f"--holdout {holdout}: must be at least 0 and below 1 (the fraction of labelled images "
+                             "held out, e.g. 0.1; 0 for none)")
+
+
 def assign_holdout(table: pd.DataFrame, holdout: float, seed: int) -> pd.DataFrame:
     """Fill the split column: a stratified holdout fraction of the labelled rows not already placed."""
-    if not 0 <= holdout < 1:
-        raise FeatstackError(f"--holdout {holdout}: must be at least 0 and below 1")
+    check_holdout(holdout)
     table = table.copy()
     labelled = table["label"].notna()
     free = labelled & table["split"].isna()
@@ -151,7 +158,7 @@ def plan_split(paths: DatasetPaths, table: pd.DataFrame, *, holdout: float, seed
     params = {"holdout": holdout, "seed": seed}
     data_path = str(Path(data).resolve())
     if paths.split_csv.exists() and paths.dataset_json.exists():
-        meta = json.loads(paths.dataset_json.read_text())
+        meta = read_dataset_meta(paths)
         if meta.get("data") and meta["data"] != data_path:
             raise FeatstackError(
                 f"--name {paths.name}: {paths.root} holds the features of {meta['data']}, not of {data_path}; pass "
@@ -180,16 +187,70 @@ def plan_split(paths: DatasetPaths, table: pd.DataFrame, *, holdout: float, seed
     return SplitPlan(table, saved, meta)
 
 
+SPLIT_COLUMNS = ("id", "split", "label")
+
+
 def read_split(paths: DatasetPaths) -> pd.DataFrame:
-    """split.csv as a table of id, split, label (label empty for test rows)."""
-    if not paths.split_csv.exists():
-        raise FeatstackError(f"{paths.split_csv} not found; run extract_features.py for this dataset first")
-    split = pd.read_csv(paths.split_csv, dtype=str, keep_default_na=False)
+    """split.csv as a table of id, split, label (label empty for test rows), read strictly: every stage reads it
+    here, and a hand edit that would silently drop rows (``Train``) or count an image twice (an id listed twice) is
+    refused in one line naming the line and the fix."""
+    where = paths.split_csv
+    if not where.exists():
+        raise FeatstackError(f"{where} not found; run extract_features.py for this dataset first")
+    fix = f"fix the line, or delete {where} and rerun extract_features.py to decide a new split"
+    try:
+        text = where.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = where.read_bytes()[:exc.start].count(b"\n") + 1
+        raise FeatstackError(f"{where}: line {line}: not UTF-8 text; save it as UTF-8, or {fix}") from None
+    except OSError as exc:
+        raise FeatstackError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    if not text.strip():
+        raise FeatstackError(f"{where}: empty; delete it and rerun extract_features.py to decide a new split")
+    try:
+        split = pd.read_csv(io.StringIO(text.lstrip("\ufeff")), dtype=str, keep_default_na=False)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise FeatstackError(f"{where}: cannot read it as CSV ({str(exc).splitlines()[0][:100]}); {fix}") from None
+    if sorted(split.columns) != sorted(SPLIT_COLUMNS):
+        raise FeatstackError(f"{where}: line 1: the header must be {','.join(SPLIT_COLUMNS)}, found "
+                             f"{','.join(split.columns)[:80]!r}; restore that header line")
+
+    def refuse(bad, what) -> None:
+        if bad.any():
+            k = int(np.asarray(bad).argmax())
+            raise FeatstackError(f"{where}: line {k + 2}: {what(split.iloc[k])}")  # the header is line 1
+
+    refuse(~split["split"].isin(SPLITS), lambda r: f"split {r['split']!r} of id {r['id']!r} is not one of "
+                                               f"{', '.join(SPLITS)} (lower case); {fix}")
+    refuse(split["id"].eq(""), lambda r: f"empty id; {fix}")
+    refuse(split["split"].eq("test") == split["label"].ne(""),
+           lambda r: ("a test row has a label" if r["label"] else f"a {r['split']} row has no label")
+           + f" (id {r['id']!r}); test rows are the unlabelled ones; {fix}")
+    # Every id once: an id listed twice lands in both the out-of-fold and the holdout predictions.
+    first_line = split["id"].map(dict(zip(split["id"][::-1], range(len(split) + 1, 1, -1))))
+    refuse(split["id"].duplicated(), lambda r: f"id {r['id']!r} is listed again (first on line "
+                                               f"{first_line[r.name]}); an image has one side of the split: remove "
+                                               "one of the two lines")
     split["label"] = pd.Series([l or None for l in split["label"]], index=split.index, dtype=object)
     return split
 
 
 def read_dataset_meta(paths: DatasetPaths) -> dict:
-    if not paths.dataset_json.exists():
-        raise FeatstackError(f"{paths.dataset_json} not found; run extract_features.py for this dataset first")
-    return json.loads(paths.dataset_json.read_text())
+    """dataset.json, read strictly: empty or invalid JSON is one line naming the line and the fix."""
+    where = paths.dataset_json
+    if not where.exists():
+        raise FeatstackError(f"{where} not found; run extract_features.py for this dataset first")
+    # Without dataset.json the next extraction decides the split afresh; cached features are kept by id.
+    fix = "restore it, or delete it and rerun extract_features.py (the split is decided again, features stay cached)"
+    try:
+        meta = json.loads(where.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise FeatstackError(f"{where}: not UTF-8 text; {fix}") from None
+    except json.JSONDecodeError as exc:
+        what = "empty" if not exc.doc.strip() else f"line {exc.lineno}: invalid JSON ({exc.msg})"
+        raise FeatstackError(f"{where}: {what}; {fix}") from None
+    except OSError as exc:
+        raise FeatstackError(f"{where}: cannot read it ({exc.strerror or exc})") from None
+    if not isinstance(meta, dict):
+        raise FeatstackError(f"{where}: line 1: not a JSON object ({type(meta).__name__}); {fix}")
+    return meta

@@ -203,3 +203,37 @@ def test_ray_engine_stages_carry_a_hub_backbone(tmp_path, odd_photos, hub_preset
     out = ExtractActor([shipped], [set(entry.ids)])(batch)
     err = np.linalg.norm(out["feat0"] - entry.features, axis=1) / np.linalg.norm(entry.features, axis=1)
     assert err.max() < 1e-5
+
+
+def _other_config(folder, presets):
+    import json
+    config = json.loads((folder / "config.json").read_text())
+    config["config"]["hidden_dim"] = 48  # a config edited after the weights were saved
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def _other_weights(folder, presets):
+    shutil.copy(presets["siglip"] / "model.weights.h5", folder / "model.weights.h5")
+
+
+def _truncated_weights(folder, presets):
+    data = (folder / "model.weights.h5").read_bytes()
+    (folder / "model.weights.h5").write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("damage, cause", [
+    (_other_config, r"A total of \d+ objects could not be loaded"),
+    (_other_weights, r"A total of \d+ objects could not be loaded"),
+    (_truncated_weights, r"Unable to synchronously open file \(truncated file"),
+])
+def test_a_preset_whose_weights_do_not_load_is_one_line(tmp_path, hub_presets, damage, cause):
+    """Weights that do not match the config, come from another preset or are truncated: a traceback before."""
+    folder = tmp_path / "dinov2"
+    shutil.copytree(hub_presets["dinov2"], folder)
+    damage(folder, hub_presets)
+    backbone = bb.resolve([f"hub:{folder}"])[0]
+    with pytest.raises(FeatstackError, match=rf"--backbones hub:{folder}: the preset's weights do not load into the "
+                                             rf"model its config\.json describes \({cause}.*\); the weights file is "
+                                             r"truncated, damaged or from another preset: restore the folder") as info:
+        backbone.build()
+    assert "\n" not in str(info.value)

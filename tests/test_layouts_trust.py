@@ -186,3 +186,109 @@ def test_split_keeps_the_original_folder_names(folders, tmp_path):
     assert meta["class_folders"] == {"Chihuahua": "n02085620-Chihuahua",
                                      "Japanese_spaniel": "n02085782-Japanese_spaniel"}
     assert set(read_split(paths).label) == {"Chihuahua", "Japanese_spaniel"}
+
+
+# --- #30 item 2: a manifest's paths resolve from the manifest's own folder, as written --------------------------------
+
+def test_manifest_given_with_a_relative_path_keeps_every_image(tmp_path, monkeypatch):
+    """`--data data/man1/manifest.csv` from the folder above joined the path twice: every image "not found", exit 0."""
+    man = tmp_path / "data" / "man1"
+    write_images(man / "pics", ["p0.jpg", "p1.jpg", "p2.jpg"])
+    write_images(tmp_path / "elsewhere", ["abs.jpg"], start_seed=9)
+    (man / "manifest.csv").write_text("path,label\npics/p0.jpg,a\npics/p1.jpg,b\npics/p2.jpg,\n"
+                                      f"{tmp_path / 'elsewhere' / 'abs.jpg'},b\n")  # an absolute path stays itself
+    monkeypatch.chdir(tmp_path)
+    table, layout = read_layout("data/man1/manifest.csv")
+    assert layout == "manifest"
+    assert table.path.tolist() == [str(man / "pics" / "p0.jpg"), str(man / "pics" / "p1.jpg"),
+                                   str(man / "pics" / "p2.jpg"), str(tmp_path / "elsewhere" / "abs.jpg")]
+    assert all(os.path.isfile(p) for p in table.path)
+    monkeypatch.chdir(man)  # the same manifest from its own folder, and from anywhere else, reads the same paths
+    assert read_layout("manifest.csv")[0].path.tolist() == table.path.tolist()
+
+
+def test_a_dataset_whose_every_image_is_missing_is_refused(tmp_path):
+    """Every row a dangling link: the run extracted nothing, listed every image as not found, and exited 0."""
+    man = tmp_path / "m"
+    man.mkdir()
+    for k in range(3):
+        (man / f"p{k}.jpg").symlink_to(tmp_path / "moved" / f"p{k}.jpg")
+    (man / "manifest.csv").write_text("path,label\np0.jpg,a\np1.jpg,b\np2.jpg,a\n")
+    with pytest.raises(FeatstackError, match=r"manifest\.csv: none of its 3 images can be opened \(first: .*p0\.jpg, "
+                                             r"a broken link or a wrong path\); fix the paths"):
+        read_layout(man / "manifest.csv")
+
+
+# --- #32: --layout dog-breed without labels.csv says what is missing ----------------------------------------------
+
+def test_dog_breed_without_labels_csv_says_what_is_missing(cats_dogs):
+    with pytest.raises(FeatstackError) as info:
+        read_layout(cats_dogs, "dog-breed")
+    assert str(info.value) == (
+        f"{cats_dogs}: --layout dog-breed needs labels.csv (columns id,breed) beside train/, and there is none; add "
+        "it, or leave --layout out: auto-detection is the default (--layout auto), which would read this folder as "
+        "the cats-dogs layout")
+
+
+# --- #28: a folder is never a class unless the layout says so -------------------------------------------------------
+
+def _plant_seedlings(tmp_path):
+    data = tmp_path / "plant"
+    for k, species in enumerate(["Black-grass", "Charlock", "Cleavers"]):
+        write_images(data / "train" / species, ["a.png", "b.png"], start_seed=10 * k)
+    write_images(data / "test", ["x1.png", "x2.png"], start_seed=50)
+    (data / "sample_submission.csv").write_text("file,species\nx1.png,Charlock\nx2.png,Charlock\n")
+    return data
+
+
+def test_train_of_class_folders_beside_test_reads_test_as_the_test_split(tmp_path):
+    """plant-seedlings: train/<species>/*.png + test/*.png was one class 'train' (or test/ a class)."""
+    data = _plant_seedlings(tmp_path)
+    for layout in ("auto", "folders"):
+        table, read_as = read_layout(data, layout)
+        assert read_as == "folders"
+        assert set(table.label.dropna()) == {"Black-grass", "Charlock", "Cleavers"}
+        assert sorted(table.loc[table.split.eq("test"), "id"]) == ["test/x1.png", "test/x2.png"]
+        assert table.loc[table.split.eq("test"), "label"].isna().all() and table.attrs["left_out"] == []
+
+
+def _cassava(tmp_path):
+    data = tmp_path / "cassava"
+    write_images(data / "train_images", ["1.jpg", "2.jpg", "3.jpg"])
+    write_images(data / "test_images", ["9.jpg"], start_seed=20)
+    (data / "train.csv").write_text("image_id,label\n1.jpg,0\n2.jpg,1\n3.jpg,0\n")
+    (data / "sample_submission.csv").write_text("image_id,label\n9.jpg,0\n")
+    return data
+
+
+def _test2019(tmp_path):
+    data = tmp_path / "herbarium"
+    for k, c in enumerate(["fern", "moss"]):
+        write_images(data / c, ["a.jpg", "b.jpg"], start_seed=k)
+    write_images(data / "test2019", ["t.jpg"], start_seed=9)
+    return data
+
+
+def _images_folder(tmp_path):
+    data = tmp_path / "melanoma"
+    for k, c in enumerate(["benign", "malignant"]):
+        write_images(data / c, ["a.jpg", "b.jpg"], start_seed=k)
+    write_images(data / "jpeg", ["t.jpg"], start_seed=9)
+    return data
+
+
+@pytest.mark.parametrize("make, match", [
+    (_cassava, r"cassava: train\.csv lies beside the image folders test_images/, train_images/, so their names are "
+               r"not taken as the classes; .*write a manifest\.csv \(path,label\[,split\]\) from it and pass --data "
+               r"that manifest \(--layout manifest\); if the folders are the classes, pass --layout folders$"),
+    (_test2019, r"herbarium: the folder test2019/ is named like a test split or an image store, not a class; put "
+                r"unlabelled test images directly in test/, .*if test2019/ really is a class, pass --layout folders$"),
+    (_images_folder, r"melanoma: the folder jpeg/ is named like a test split or an image store, not a class"),
+])
+def test_folders_are_not_guessed_as_classes_where_the_data_says_otherwise(tmp_path, make, match):
+    data = make(tmp_path)
+    with pytest.raises(FeatstackError, match=match) as info:
+        read_layout(data)
+    assert "\n" not in str(info.value)
+    table, layout = read_layout(data, "folders")  # the layout says so: read as asked
+    assert layout == "folders" and table.label.notna().all()

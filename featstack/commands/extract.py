@@ -72,9 +72,13 @@ def build_config(a: argparse.Namespace):
 
 
 def check_options(a: argparse.Namespace) -> None:
-    """--image-size against the backbones it applies to, the demo's included: 0 may not fall back to a default."""
+    """Option values argparse's types let through but no run can use: one line each, before anything is read.
+    --image-size is checked against the backbones it applies to, the demo's included: 0 may not fall back to a
+    default."""
     from ..backbones import DEFAULT_BACKBONES, check_image_size
     from ..demo import BACKBONES as DEMO_BACKBONES
+    from ..split import check_holdout
+    check_holdout(a.holdout)
     check_image_size(a.image_size, comma_list(a.backbones) or list(DEMO_BACKBONES if a.demo else DEFAULT_BACKBONES))
 
 
