@@ -310,7 +310,8 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     decode_pool: ThreadPoolExecutor | None = None
 
     traces = predictor.traces
-    with heartbeat(f"compiling the forward pass for batches of {', '.join(map(str, predictor.buckets))} photos", say):
+    with heartbeat(f"compiling the forward pass for batches of {', '.join(map(str, predictor.buckets))} photos", say,
+                   announce_after=0):
         seconds = batcher.warm()
     if config.verbose:
         print(f"featstack: {predictor.traces - traces} forward pass(es) compiled in {seconds:.1f} s", file=sys.stderr)

@@ -75,6 +75,7 @@ def test_each_stage_says_what_it_does_before_it_starts_and_while_it_runs(flipped
     import featstack.audit
     from featstack import heartbeat
     monkeypatch.setattr(heartbeat, "INTERVAL", 0.05)
+    monkeypatch.setattr(heartbeat, "ANNOUNCE_AFTER", 0)  # quick steps too are named: a loaded machine makes them slow
     find_duplicates = featstack.audit.find_duplicates
 
     def slow(*args, **kwargs):

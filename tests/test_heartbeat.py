@@ -12,6 +12,7 @@ from featstack import heartbeat as hb
 @pytest.fixture
 def fast(monkeypatch):
     monkeypatch.setattr(hb, "INTERVAL", 0.05)
+    monkeypatch.setattr(hb, "ANNOUNCE_AFTER", 0)  # said before the step starts
 
 
 def test_a_long_step_is_announced_then_says_it_still_runs(fast, capsys):
@@ -26,19 +27,29 @@ def test_a_long_step_is_announced_then_says_it_still_runs(fast, capsys):
     assert not [t for t in threading.enumerate() if t.name == "featstack-heartbeat"]
 
 
-def test_a_short_step_says_one_line_and_output_of_its_own_resets_the_clock(monkeypatch, capsys):
-    monkeypatch.setattr(hb, "INTERVAL", 0.3)
+def test_a_step_is_named_once_it_has_run_announce_after_seconds_and_a_quick_one_not_at_all(monkeypatch, capsys):
+    # A command that fails at once (a damaged file) leaves its error alone on stderr: one line.
+    monkeypatch.setattr(hb, "ANNOUNCE_AFTER", 0.1)
+    monkeypatch.setattr(hb, "INTERVAL", 10)
     with hb.heartbeat("scoring outliers"):
         pass
-    assert capsys.readouterr().out == "scoring outliers …\n"
+    assert capsys.readouterr().out == ""
+    with hb.heartbeat("loading run r"):
+        time.sleep(0.3)
+    assert capsys.readouterr().out == "loading run r …\n"
+
+
+def test_output_of_its_own_resets_the_clock(monkeypatch):
+    monkeypatch.setattr(hb, "INTERVAL", 0.4)
     said = []
     with hb.heartbeat("extracting", said.append, announce=False) as beat:
-        for k in range(8):  # the caller prints every 0.1 s: nothing is silent for 0.3 s, the heartbeat stays quiet
-            time.sleep(0.1)
+        for k in range(6):  # the caller prints every 0.05 s: nothing is silent for 0.4 s, the heartbeat stays quiet
+            time.sleep(0.05)
             beat.set(f"batch {k}")
             beat.said()
-        time.sleep(0.45)  # now it is: the heartbeat names the current phase
-    assert said and said[0].startswith("still batch 7 ("), said
+        assert said == []
+        time.sleep(0.55)  # now it is: the heartbeat names the current phase
+    assert said and said[0].startswith("still batch 5 ("), said
 
 
 def test_stderr_printer_and_own_format(fast, capsys):

@@ -78,6 +78,7 @@ def test_cli_says_each_step_before_it_starts_and_while_a_slow_build_runs(demo, c
     from featstack import backbones as bb
     from featstack import heartbeat
     monkeypatch.setattr(heartbeat, "INTERVAL", 0.05)
+    monkeypatch.setattr(heartbeat, "ANNOUNCE_AFTER", 0)  # quick steps too are named: a loaded machine makes them slow
     build, told = bb.Backbone.build, []
 
     def slow_build(self):

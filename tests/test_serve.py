@@ -509,6 +509,7 @@ def test_start_says_each_step_before_it_starts_and_while_the_compile_runs(monkey
     from featstack import heartbeat
     from featstack.commands.serve import main
     monkeypatch.setattr(heartbeat, "INTERVAL", 0.05)
+    monkeypatch.setattr(heartbeat, "ANNOUNCE_AFTER", 0)  # quick steps too are named: a loaded machine makes them slow
     warm = Predictor.warm
 
     def slow_warm(self):
