@@ -44,7 +44,8 @@ def quickstart_steps(python: str) -> list[tuple[list[str], str | None]]:
 
 
 def measure(argv: list[str], cwd: Path, until: str | None = None, echo: bool = True) -> dict:
-    """Run ``argv``; the longest time between two writes of output (the start and the end count as writes)."""
+    """Run ``argv``; the longest time between two writes of output (the start and the end count as writes). With
+    ``until``, the command is stopped (SIGINT) once its output matches, and wall and silence end there."""
     started = time.monotonic()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     load_start = os.getloadavg()[0]
@@ -53,7 +54,7 @@ def measure(argv: list[str], cwd: Path, until: str | None = None, echo: bool = T
     for stream in (proc.stdout, proc.stderr):
         os.set_blocking(stream.fileno(), False)
         sel.register(stream, selectors.EVENT_READ)
-    last, longest, first = started, (0.0, "", ""), None
+    last, longest, first, end = started, (0.0, "", ""), None, None
     previous_text, text_so_far, stopped = "(start)", b"", False
     while sel.get_map():
         for key, _ in sel.select(timeout=1.0):
@@ -63,10 +64,11 @@ def measure(argv: list[str], cwd: Path, until: str | None = None, echo: bool = T
                 continue
             now = time.monotonic()
             first = now - started if first is None else first
-            shown = _last_line(chunk)
-            if now - last > longest[0]:
-                longest = (now - last, previous_text, shown)
-            last, previous_text = now, shown
+            shown = _last_line(chunk) or previous_text
+            if not stopped:  # after --until's line the command only shuts down: not measured
+                if now - last > longest[0]:
+                    longest = (now - last, previous_text, shown)
+                last, previous_text = now, shown
             if echo:
                 out = sys.stdout if key.fileobj is proc.stdout else sys.stderr
                 out.write(chunk.decode(errors="replace"))
@@ -74,9 +76,9 @@ def measure(argv: list[str], cwd: Path, until: str | None = None, echo: bool = T
             text_so_far = (text_so_far + chunk)[-4096:]
             if until and not stopped and re.search(until, text_so_far.decode(errors="replace")):
                 os.killpg(proc.pid, signal.SIGINT)  # the server is up: stop it as Ctrl+C would
-                stopped = True
+                stopped, end = True, now
     code = proc.wait()
-    end = time.monotonic()
+    end = end if stopped else time.monotonic()
     if end - last > longest[0]:
         longest = (end - last, previous_text, "(exit)")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
