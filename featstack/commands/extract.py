@@ -69,7 +69,9 @@ def build_config(a: argparse.Namespace):
 
 def main(argv=None, prog=None):
     a = parse_args(argv, prog)
-    from ..extract import extract
+    from ..heartbeat import heartbeat
+    with heartbeat("loading the extraction libraries"):  # named if slow (a loaded machine), before the first step
+        from ..extract import extract
     summary = run_main(extract, build_config(a))
     if a.summary_json:
         import json
