@@ -17,6 +17,7 @@ import re
 import resource
 import selectors
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,7 +114,8 @@ def main():
     a = ap.parse_args()
     if a.quickstart == bool(a.command):
         ap.error("give a command after --, or --quickstart")
-    steps = quickstart_steps(a.python) if a.quickstart else [(a.command, a.until)]
+    python = str(Path(shutil.which(a.python) or a.python).resolve())  # the steps may run in another --workdir
+    steps = quickstart_steps(python) if a.quickstart else [(a.command, a.until)]
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     loops = busy_loops(a.load)
