@@ -114,7 +114,7 @@ def main():
     a = ap.parse_args()
     if a.quickstart == bool(a.command):
         ap.error("give a command after --, or --quickstart")
-    python = str(Path(shutil.which(a.python) or a.python).resolve())  # the steps may run in another --workdir
+    python = str(Path(shutil.which(a.python) or a.python).absolute())  # not resolve(): a venv's python is a link
     steps = quickstart_steps(python) if a.quickstart else [(a.command, a.until)]
     workdir = Path(a.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
