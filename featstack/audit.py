@@ -11,7 +11,7 @@ import time
 import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import pandas as pd
 from . import reports
 from .errors import FeatstackError
 from .features import FeatureSet, load_features, read_bad_ids
+from .heartbeat import heartbeat
 from .leftovers import dead_leftovers, drop_lease, lease, release, remove_leftover
 from .paths import MODELS_DIR, AuditPaths, DatasetPaths, RunPaths
 from .store import is_disk_full
@@ -66,17 +67,19 @@ class Audit:
 
 
 class Stopwatch:
-    """Wall and CPU seconds (all threads) of named stages: ``with clock("name"): ...``."""
+    """Wall and CPU seconds (all threads) of named stages: ``with clock("name", "what it does"): ...``; the stage
+    says what it does before it starts, and that it still does every few seconds (featstack.heartbeat)."""
 
     def __init__(self):
         self.wall: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
 
     @contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str, doing: str | None = None):
         wall, cpu = time.perf_counter(), time.process_time()
         try:
-            yield
+            with heartbeat(doing) if doing else nullcontext():
+                yield
         finally:
             self.wall[name] = time.perf_counter() - wall
             self.cpu[name] = time.process_time() - cpu
@@ -375,12 +378,12 @@ def audit_run(run: str | Path | None = None, *, threshold: float = SIMILARITY,
         raise FeatstackError("audit.py needs cleanlab, which is not installed: pip install cleanlab "
                              "(or featstack[audit])")
     clock = Stopwatch()
-    with clock("load"):
+    with clock("load", "loading the run's features"):
         run_paths = _run_folder(run, models_dir)
         config, fs = _load_run_features(run_paths)
         classes = list(config["classes"])
         paths, data_note = image_paths(fs)
-    with clock("label_issues"):
+    with clock("label_issues", "finding label issues (cleanlab)"):
         issues, notes = [], [data_note] if data_note else []
         for csv, split in ((run_paths.oof_csv, "train"), (run_paths.holdout_csv, "holdout")):
             frame, labels, proba = _predictions(csv, classes)
@@ -388,17 +391,17 @@ def audit_run(run: str | Path | None = None, *, threshold: float = SIMILARITY,
                 notes.append(f"the {split} rows hold one class only, and cleanlab needs two: no {split} label issues")
             issues.append(find_label_issues(frame, labels, proba, classes, split, paths))
         label_issues = pd.concat(issues, ignore_index=True)
-    with clock("embedding"):
+    with clock("embedding", "centring and reducing the features"):
         unit = embedding(fs)
         reduced = reduce(unit)
-    with clock("neighbours"):
+    with clock("neighbours", "finding each image's nearest neighbours"):
         neighbours = Neighbours(reduced) if len(fs.ids) > 1 else None
-    with clock("duplicates"):
+    with clock("duplicates", "confirming near duplicates by their pixels"):
         duplicates = find_duplicates(fs, unit, neighbours, paths, threshold, notes)
         del unit
-    with clock("outliers"):
+    with clock("outliers", "scoring outliers"):
         outliers = find_outliers(fs, reduced, neighbours, paths)
-    with clock("sizes"):
+    with clock("sizes", "reading image sizes from their headers"):
         sizes = header_sizes(fs.ids, paths) if paths else pd.DataFrame(columns=["id", "width", "height"])
         bad = len(read_bad_ids(DatasetPaths(fs.paths.root)))
     return Audit(run_paths, fs, paths, label_issues, duplicates, outliers, sizes, bad, notes, threshold, clock,
@@ -418,7 +421,7 @@ def run_audit(run: str | Path | None = None, *, top: int = TOP, threshold: float
               "duplicates are confirmed by their pixels, but label issues and outliers say little")
     for note in audit.notes:
         print(f"warning: {note}")
-    with audit.clock("write"):
+    with audit.clock("write", "writing the audit (audit.md, CSV files, contact sheets)"):
         folder = write_audit(audit, top)
     for finding, count, _ in summary_rows(audit):
         print(f"{finding}: {count}")

@@ -349,12 +349,14 @@ class Backbone:
 
 
 def run_backbones(backbones: list[Backbone], arrays: dict[int, np.ndarray],
-                  wanted: list[np.ndarray | None] | None = None) -> tuple[list[np.ndarray | None], list[float]]:
+                  wanted: list[np.ndarray | None] | None = None,
+                  starting: Callable[[Backbone], None] | None = None) -> tuple[list[np.ndarray | None], list[float]]:
     """Every backbone's features of one decoded batch: the one loop the local engine, Ray actors and Predictor share.
 
     ``arrays`` is decode_batch's ``{input_key: (n, height, width, 3)}``; ``wanted[k]`` is a boolean mask of the rows
-    backbone ``k`` needs (None: all). Returns, per backbone, float32 features of its wanted rows (None when it
-    wants none), and the seconds its forward passes took.
+    backbone ``k`` needs (None: all); ``starting(backbone)`` is called before each backbone's forward pass (progress:
+    one slow backbone can take a minute per batch on a loaded machine). Returns, per backbone, float32 features of
+    its wanted rows (None when it wants none), and the seconds its forward passes took.
     """
     import time
     feats: list[np.ndarray | None] = []
@@ -368,6 +370,8 @@ def run_backbones(backbones: list[Backbone], arrays: dict[int, np.ndarray],
             feats.append(None)
             seconds.append(0.0)
             continue
+        if starting is not None:
+            starting(b)
         t0 = time.perf_counter()
         feats.append(b.features(images))
         seconds.append(time.perf_counter() - t0)

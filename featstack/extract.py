@@ -17,6 +17,7 @@ from tqdm import tqdm
 from . import backbones as bb
 from .decode import decode_batch, empty
 from .errors import FeatstackError
+from .heartbeat import heartbeat, printer
 from .layouts import describe, read_layout
 from .paths import DEMO_DATA_DIR, DEMO_NAME, DatasetPaths
 from .split import plan_split, write_atomic
@@ -126,20 +127,32 @@ def run_jobs(jobs: list[Job], table: pd.DataFrame, *, batch_size: int, threads: 
     sizes = tuple(sorted({j.backbone.input_key for j in jobs if j.todo}, key=str))
     bad_rows = []
     bar = tqdm(total=len(todo), unit="img", desc="extract", disable=not progress, smoothing=0.1)
-    for batch_ids, batch_paths, arrays, errors in decoded_batches(
-            todo["id"].tolist(), todo["path"].tolist(), sizes, batch_size, threads):
-        ok_ids = [i for i, e in zip(batch_ids, errors) if e is None]
-        ok_paths = [p for p, e in zip(batch_paths, errors) if e is None]
-        bad_rows += [(i, p, e) for i, p, e in zip(batch_ids, batch_paths, errors) if e is not None]
-        wanted = [np.array([i in job.todo for i in ok_ids], dtype=bool) for job in jobs]
-        feats, seconds = bb.run_backbones([job.backbone for job in jobs], arrays, wanted)
-        for job, mask, block, spent in zip(jobs, wanted, feats, seconds):
-            if block is None:
-                continue
-            job.seconds += spent
-            bad_rows += job.take([i for i, w in zip(ok_ids, mask) if w], [p for p, w in zip(ok_paths, mask) if w],
-                                 block)
-        bar.update(len(batch_ids))
+    batches = -(-len(todo) // batch_size)
+    # The bar's last field names the backbone at work on which batch; where one forward pass (or a decode) runs
+    # past INTERVAL seconds, the heartbeat says so there: on a loaded machine one batch of a slow backbone took 99 s.
+    with heartbeat(f"decoding batch 1 of {batches}", bar.set_postfix_str, announce=False) as beat:
+        def starting(b: bb.Backbone) -> None:
+            beat.set(f"running {b.name} on batch {number} of {batches}")
+            bar.set_postfix_str(beat.doing)
+            beat.said()
+
+        for number, (batch_ids, batch_paths, arrays, errors) in enumerate(decoded_batches(
+                todo["id"].tolist(), todo["path"].tolist(), sizes, batch_size, threads), 1):
+            ok_ids = [i for i, e in zip(batch_ids, errors) if e is None]
+            ok_paths = [p for p, e in zip(batch_paths, errors) if e is None]
+            bad_rows += [(i, p, e) for i, p, e in zip(batch_ids, batch_paths, errors) if e is not None]
+            wanted = [np.array([i in job.todo for i in ok_ids], dtype=bool) for job in jobs]
+            feats, seconds = bb.run_backbones([job.backbone for job in jobs], arrays, wanted,
+                                              starting if progress else None)
+            for job, mask, block, spent in zip(jobs, wanted, feats, seconds):
+                if block is None:
+                    continue
+                job.seconds += spent
+                bad_rows += job.take([i for i, w in zip(ok_ids, mask) if w],
+                                     [p for p, w in zip(ok_paths, mask) if w], block)
+            bar.update(len(batch_ids))
+            beat.set(f"decoding batch {number + 1} of {batches}")
+            beat.said()
     bar.close()
     return pd.DataFrame(bad_rows, columns=["id", "path", "reason"])
 
@@ -350,9 +363,11 @@ def build_models(jobs: list[Job], batch_rows: int) -> None:
             print(f"model {b.name} ({b.input_size} px, {b.weights} weights): building and compiling ...", end=" ",
                   flush=True)
             try:
-                b.build()
-                b.batch_rows = batch_rows  # the one shape every batch will have: compiled once, here
-                b.features(np.zeros((1, *empty(b.input_key).shape[1:]), empty(b.input_key).dtype))
+                # On this same line, every INTERVAL seconds: "10 s ... 20 s ..." (a minute on a loaded machine).
+                with heartbeat(b.name, printer(end=" "), announce=False, still="{seconds:.0f} s ..."):
+                    b.build()
+                    b.batch_rows = batch_rows  # the one shape every batch will have: compiled once, here
+                    b.features(np.zeros((1, *empty(b.input_key).shape[1:]), empty(b.input_key).dtype))
             finally:
                 print(f"{time.perf_counter() - started:.1f} s" if b.model is not None else "failed", flush=True)
 

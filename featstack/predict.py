@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import joblib
@@ -13,6 +14,7 @@ from . import hub
 from .backbones import Backbone, keras_cache_dir, resolve, run_backbones, sha256_of
 from .decode import decode_batch, empty, is_image_file
 from .errors import FeatstackError
+from .heartbeat import heartbeat, printer
 from .stack import RUN_CONFIG_KEYS, newest_run, read_run_json
 from .store import attrs_damage
 
@@ -159,7 +161,8 @@ class Predictor:
     runs a model's predict_step only while TensorFlow or JAX traces it), so a compile after start can be seen.
     """
 
-    def __init__(self, run: str | Path | None = None, models_dir: str | Path = "models", max_batch: int | None = None):
+    def __init__(self, run: str | Path | None = None, models_dir: str | Path = "models", max_batch: int | None = None,
+                 say: Callable[[str], None] | None = None):
         self.run = Path(run) if run else newest_run(models_dir)
         config_path = self.run / "config.json"
         if not config_path.is_file():
@@ -169,7 +172,12 @@ class Predictor:
             if not isinstance(self.config["feature_files"].get(name), dict):
                 raise FeatstackError(f"{config_path}: damaged or unreadable (no feature_files entry for backbone "
                                      f"{name!r}); remove the run folder {self.run} and rerun stack.py to rebuild it")
-        self.estimator, self.classes = load_fitted(self.run, self.config)
+        say = say or printer("stderr")  # stdout is the answers' (--json)
+        with heartbeat(f"loading run {self.run.name}", say):
+            self.estimator, self.classes = load_fitted(self.run, self.config)
+        if "keras" not in sys.modules:  # tens of seconds on a loaded machine: said, not silent
+            with heartbeat("loading Keras and its backend", say):
+                import keras  # noqa: F401
         self.backbones = []
         for name in self.config["backbones"]:
             attrs = self.config["feature_files"][name]
@@ -184,7 +192,8 @@ class Predictor:
             print(f"note: run {self.run.name} was trained on features of RANDOM weights (a smoke test or the offline "
                   "demo); its answers mean nothing for real photos", file=sys.stderr)
         for b in self.backbones:
-            b.build()
+            with heartbeat(f"loading {b.name} model ({b.input_size} px, {b.weights} weights)", say):
+                b.build()
             _count_traces(b.model)
         self.buckets: tuple[int, ...] = ()
         self.pad = True  # pad batches to the buckets (warm() turns it off where any batch size runs uncompiled)
@@ -284,7 +293,10 @@ def predict(photos: list[str], *, run: str | Path | None = None, top: int = 5, a
     classes = np.array(predictor.classes)
     failed = 0
     records = []
-    for path, proba, err in predictor.predict(paths, batch_size):
+    # The first batch compiles each model's forward pass: seconds, tens of them on a loaded machine.
+    with heartbeat(f"predicting {len(paths)} photo{'s' if len(paths) != 1 else ''}", printer("stderr")):
+        answers = predictor.predict(paths, batch_size)
+    for path, proba, err in answers:
         if err is not None:
             failed += 1
             print(f"error: {path}: cannot read this photo ({err})", file=sys.stderr)

@@ -16,18 +16,33 @@ NOISY_MODULES = r"(keras|tensorflow|tf_keras|jax|jaxlib|absl|google\.protobuf)(\
 
 @contextlib.contextmanager
 def silenced_stderr():
-    """Point file descriptor 2 at /dev/null for the block: C++ code writes there, past Python's sys.stderr."""
+    """Point file descriptor 2 at /dev/null for the block: C++ code writes there, past Python's sys.stderr.
+
+    Python's own sys.stderr, where it is that descriptor, writes to the real stderr meanwhile: a heartbeat's
+    "still loading ..." line (featstack.heartbeat) must reach the user during the tens of seconds of the import."""
     sys.stderr.flush()
     saved = os.dup(2)
     devnull = os.open(os.devnull, os.O_WRONLY)
+    python_stderr = sys.stderr
     try:
         os.dup2(devnull, 2)
+        if _is_fd2(python_stderr):
+            sys.stderr = os.fdopen(saved, "w", closefd=False, buffering=1, encoding=python_stderr.encoding,
+                                   errors="backslashreplace")
         yield
     finally:
         sys.stderr.flush()
+        sys.stderr = python_stderr
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def _is_fd2(stream) -> bool:
+    try:
+        return stream.fileno() == 2
+    except (AttributeError, OSError, ValueError):  # a test's capture, a StringIO
+        return False
 
 
 class _QuietImports(importlib.abc.MetaPathFinder):

@@ -30,6 +30,7 @@ from starlette.requests import ClientDisconnect
 
 from .decode import BadImage, decode_bytes, decode_rgb, to_input
 from .errors import FeatstackError
+from .heartbeat import heartbeat, printer
 from .layouts import read_layout
 from .paths import DatasetPaths, RunPaths
 from .predict import Predictor
@@ -292,7 +293,8 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     check_token(config.token)
     from threadpoolctl import threadpool_limits
 
-    predictor = predictor or Predictor(config.run, config.models_dir)
+    say = printer("stderr", prefix="featstack: ")
+    predictor = predictor or Predictor(config.run, config.models_dir, say=say)
     predictor.set_max_batch(config.max_batch)
     run = RunPaths(predictor.run)
     classes = [str(c) for c in predictor.classes]
@@ -308,9 +310,9 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
     decode_pool: ThreadPoolExecutor | None = None
 
     traces = predictor.traces
-    print(f"featstack: compiling the forward pass for batches of {', '.join(map(str, predictor.buckets))} photos…",
-          file=sys.stderr, flush=True)
-    seconds = batcher.warm()
+    with heartbeat(f"compiling the forward pass for batches of {', '.join(map(str, predictor.buckets))} photos", say,
+                   announce_after=0):
+        seconds = batcher.warm()
     if config.verbose:
         print(f"featstack: {predictor.traces - traces} forward pass(es) compiled in {seconds:.1f} s", file=sys.stderr)
 

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -66,6 +67,31 @@ def test_flipped_training_labels_come_first(flipped, capsys):
     for rec in issues[issues.id.isin(flipped["train"])].to_dict("records"):
         assert rec["given_label"] == true[rec["id"]] and rec["suggested_label"] != rec["given_label"]
     assert (folder / "class_balance.png").is_file() and "## Label issues" in (folder / "audit.md").read_text()
+
+
+def test_each_stage_says_what_it_does_before_it_starts_and_while_it_runs(flipped, capsys, monkeypatch):
+    # Issue #32: audit.py was silent 30 s on a loaded machine. The duplicate check takes 0.3 s more here, the
+    # heartbeat's interval is 0.05 s.
+    import featstack.audit
+    from featstack import heartbeat
+    monkeypatch.setattr(heartbeat, "INTERVAL", 0.05)
+    monkeypatch.setattr(heartbeat, "ANNOUNCE_AFTER", 0)  # quick steps too are named: a loaded machine makes them slow
+    find_duplicates = featstack.audit.find_duplicates
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        return find_duplicates(*args, **kwargs)
+
+    monkeypatch.setattr(featstack.audit, "find_duplicates", slow)
+    audit_command.main(["--run", str(flipped["run"])])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:3] == ["loading the audit's libraries …", "loading the run's features …",
+                         "finding label issues (cleanlab) …"]
+    duplicates = lines.index("confirming near duplicates by their pixels …")
+    assert lines[duplicates + 1].startswith("still confirming near duplicates by their pixels (")
+    counts = next(k for k, l in enumerate(lines) if l.startswith("label issues: "))
+    assert lines.index("writing the audit (audit.md, CSV files, contact sheets) …") < counts
+    assert lines[-1] == str(RunPaths(flipped["run"]).audit_dir)
 
 
 def test_exclude_retrains_without_training_rows_only(flipped, tmp_path, capsys):

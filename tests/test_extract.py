@@ -14,6 +14,7 @@ from filelock import FileLock
 from featstack.commands.extract import main as extract_main
 from featstack.errors import FeatstackError
 from featstack.extract import ExtractConfig, extract
+from featstack.layouts import read_layout
 from featstack.paths import DatasetPaths
 from featstack.store import read_entry
 
@@ -210,6 +211,32 @@ def test_each_model_is_built_and_compiled_in_a_line_of_its_own(tmp_path, cats_do
             features_dir=tmp_path / "features", progress=False))
     out = capsys.readouterr().out
     lines = [l for l in out.splitlines() if l.startswith("model ")]
-    assert [re.fullmatch(r"model (\S+) \(32 px, random weights\): building and compiling \.\.\. \d+\.\d s", l)
-            .group(1) for l in lines] == ["vgg16", "resnet50"]
+    # (a build past heartbeat.INTERVAL says "10 s ... 20 s ..." on its line as it goes)
+    assert [re.fullmatch(r"model (\S+) \(32 px, random weights\): building and compiling \.\.\. "
+                         r"(\d+ s \.\.\. )*\d+\.\d s", l).group(1) for l in lines] == ["vgg16", "resnet50"]
     assert out.index(lines[-1]) < out.index("backbone ")  # before the summary table
+
+
+def test_a_slow_backbone_says_which_batch_it_is_on_every_interval(tmp_path, cats_dogs, capsys, monkeypatch):
+    # Issue #32: one slow backbone was silent 99 s between two steps of the bar. Each forward pass here takes
+    # 0.3 s, the heartbeat's interval is 0.05 s: the build's line and the bar must say so while it runs.
+    from featstack import backbones as bb
+    from featstack import heartbeat
+    monkeypatch.setattr(heartbeat, "INTERVAL", 0.05)
+    features = bb.Backbone.features
+
+    def slow(self, images):
+        time.sleep(0.3)
+        return features(self, images)
+
+    monkeypatch.setattr(bb.Backbone, "features", slow)
+    extract(ExtractConfig(cats_dogs, backbones=["vgg16"], weights="random", image_size=32, batch_size=8,
+                          features_dir=tmp_path / "features"))
+    out, err = capsys.readouterr()
+    assert re.search(r"^model vgg16 \(32 px, random weights\): building and compiling \.\.\. (\d+ s \.\.\. )+"
+                     r"\d+\.\d s$", out, re.MULTILINE), out
+    batches = -(-len(read_layout(cats_dogs)[0]) // 8)
+    assert batches > 1
+    for k in range(1, batches + 1):  # every batch is named as it starts, and again while it runs
+        assert f"running vgg16 on batch {k} of {batches}]" in err, err
+        assert re.search(rf"still running vgg16 on batch {k} of {batches} \(\d+ s\)", err), err

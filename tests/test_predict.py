@@ -1,5 +1,6 @@
 """predict.py: the run's own pipeline, proven by reproducing its holdout predictions; refusals and bad photos."""
 import json
+import time
 
 import numpy as np
 import pandas as pd
@@ -69,3 +70,31 @@ def test_refuses_other_weights(tmp_path, cats_dogs):
                        match=r"vgg16: weights file vgg16_weights_tf_dim_ordering_tf_kernels_notop\.h5 "
                              r"is missing"):
         Predictor(run)
+
+
+def test_cli_says_each_step_before_it_starts_and_while_a_slow_build_runs(demo, capsys, monkeypatch):
+    # Issue #32: predict.py was silent 35-40 s before its first line on a loaded machine. Each model's build takes
+    # 0.3 s here, the heartbeat's interval is 0.05 s.
+    from featstack import backbones as bb
+    from featstack import heartbeat
+    monkeypatch.setattr(heartbeat, "INTERVAL", 0.05)
+    monkeypatch.setattr(heartbeat, "ANNOUNCE_AFTER", 0)  # quick steps too are named: a loaded machine makes them slow
+    build, told = bb.Backbone.build, []
+
+    def slow_build(self):
+        told.append(capsys.readouterr().err)  # what the user had been told when this build began
+        time.sleep(0.3)
+        return build(self)
+
+    monkeypatch.setattr(bb.Backbone, "build", slow_build)
+    photo = sorted((demo["data"] / "test").glob("*.jpg"))[0]
+    code, out, err = run_main(predict_main, [photo, "--run", demo["run"]], capsys)
+    assert code == 0 and out.startswith(str(photo)), err
+    first = told[0].splitlines()
+    assert first[0] == "loading the prediction libraries …"  # before anything slow, even the imports
+    assert f"loading run {demo['run'].name} …" in first
+    assert first[-1] == "loading resnet50 model (32 px, random weights) …"
+    assert told[1].splitlines()[0].startswith("still loading resnet50 model (32 px, random weights) (")
+    assert told[1].splitlines()[-1] == "loading vgg16 model (32 px, random weights) …"
+    assert err.splitlines()[0].startswith("still loading vgg16 model")
+    assert "predicting 1 photo …" in err.splitlines()

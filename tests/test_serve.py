@@ -499,3 +499,32 @@ def test_page_title_says_class_unless_the_dataset_is_of_breeds(client, predictor
         monkeypatch.setitem(predictor.config, "dataset_meta", {**predictor.config["dataset_meta"], "layout": layout})
         monkeypatch.setitem(predictor.config, "dataset", name)
         assert noun_of(predictor) == noun, (layout, name)
+
+
+def test_start_says_each_step_before_it_starts_and_while_the_compile_runs(monkeypatch, demo, capsys):
+    # Issue #32: serve.py was silent 60 s after "compiling the forward pass…" on a loaded machine. The compile
+    # takes 0.3 s more here, the heartbeat's interval is 0.05 s.
+    from types import SimpleNamespace
+
+    from featstack import heartbeat
+    from featstack.commands.serve import main
+    monkeypatch.setattr(heartbeat, "INTERVAL", 0.05)
+    monkeypatch.setattr(heartbeat, "ANNOUNCE_AFTER", 0)  # quick steps too are named: a loaded machine makes them slow
+    warm = Predictor.warm
+
+    def slow_warm(self):
+        time.sleep(0.3)
+        return warm(self)
+
+    monkeypatch.setattr(Predictor, "warm", slow_warm)
+    # No uvicorn.Config: its logging.config.dictConfig closes the handlers TensorFlow's import set up, and with
+    # them pytest's capture of stderr where that import ran under it (absl's handler closes its stream).
+    monkeypatch.setattr(featstack.serve, "make_server", lambda app, config: SimpleNamespace(run=lambda sockets: None))
+    main(["--run", str(demo["run"]), "--port", "0", "--max-batch", "1"])  # one shape to compile: the quickest
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "featstack: loading the app's libraries …"
+    compiling = "featstack: compiling the forward pass for batches of 1 photos …"
+    assert lines.index("featstack: loading resnet50 model (32 px, random weights) …") < lines.index(compiling)
+    still = [l for l in lines[lines.index(compiling):]
+             if l.startswith("featstack: still compiling the forward pass for batches of 1 photos (")]
+    assert len(still) >= 2, lines

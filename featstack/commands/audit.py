@@ -21,7 +21,9 @@ def main(argv=None, prog=None):
                         "which their pixels then confirm or not (default 0.95, measured: see README)")
     p.add_argument("--models-dir", default=str(MODELS_DIR), help="where runs are (default models/)")
     a = parse_command(p, argv)
-    from ..audit import run_audit
+    from ..heartbeat import heartbeat
+    with heartbeat("loading the audit's libraries"):  # the first line within a second, not after the imports
+        from ..audit import run_audit
     stack_command = _stack_command(prog)
     run_main(run_audit, a.run, top=a.top, threshold=a.threshold, models_dir=a.models_dir, stack_command=stack_command)
 

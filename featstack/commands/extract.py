@@ -84,7 +84,9 @@ def check_options(a: argparse.Namespace) -> None:
 
 def main(argv=None, prog=None):
     a = parse_args(argv, prog)
-    from ..extract import extract
+    from ..heartbeat import heartbeat
+    with heartbeat("loading the extraction libraries"):  # named if slow (a loaded machine), before the first step
+        from ..extract import extract
     run_main(check_options, a)
     summary = run_main(extract, build_config(a))
     if a.summary_json:

@@ -26,7 +26,9 @@ def main(argv=None, prog=None):
                    help="photos per forward pass, or auto (32 on CPU, 128 on GPU; default 32)")
     p.add_argument("--models-dir", default=str(MODELS_DIR), help="where runs are (default models/)")
     a = parse_command(p, argv)
-    from ..predict import predict
+    from ..heartbeat import heartbeat, printer
+    with heartbeat("loading the prediction libraries", printer("stderr")):  # the first line within a second
+        from ..predict import predict
     failed = run_main(predict, a.photos, run=a.run, top=a.top, as_json=a.json, batch_size=a.batch_size,
                       models_dir=a.models_dir)
     if failed:

@@ -62,7 +62,9 @@ def main(argv=None, prog=None):
     if a.no_token and token is not None:
         given = "--token" if a.token is not None else "FEATSTACK_TOKEN"
         p.error(f"--no-token with a token ({given}): give one or the other")
-    from ..serve import ServeConfig, serve
+    from ..heartbeat import heartbeat, printer
+    with heartbeat("loading the app's libraries", printer("stderr", prefix="featstack: ")):
+        from ..serve import ServeConfig, serve
     config = ServeConfig(run=a.run, models_dir=a.models_dir, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,
                          max_upload_mb=a.max_upload_mb, max_megapixels=a.max_megapixels,
                          max_request_megapixels=a.max_request_megapixels, stall_timeout_s=a.stall_timeout,
