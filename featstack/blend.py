@@ -1,17 +1,22 @@
 """Blending out-of-fold probabilities, linearly (simplex weights) or log-linearly (pooling), minimising log loss."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax
+from sklearn.model_selection import StratifiedKFold
 
 EPS = 1e-15
-# Log-linear pooling may sharpen its members (weights summing above 1), but at most this much: on out-of-fold
-# predictions right on every training row the log loss keeps falling as the weights grow (they sum to 11 where the
-# optimiser gives up, in tests/test_models.py::test_pool_sharpens_separable_members_only_up_to_its_bound), and one
-# holdout mistake then costs up to 34.5. On both realistic worlds the fitted weights sum to 1.2-1.3 (BENCHMARKS.md):
-# the bound does not bind there.
-POOL_MAX_SUM = 3.0
+# Log-linear pooling may sharpen its members (weights summing above 1). How much is chosen inside the CV from these
+# caps on the weights' sum (pool_weights_cv). Under-confident members (logreg at small C) need sums of 3-8 (at C =
+# 0.01 and 0.001 on both realistic worlds, BENCHMARKS.md), where the old fixed cap of 3 cost holdout log loss (0.2729
+# against 0.2592, 0.5470 against 0.3405); members right on every training row need a cap at all: there the log loss
+# keeps falling as the weights grow (tests/test_models.py::test_pool_sharpens_separable_members_only_up_to_its_bound),
+# so the largest cap is where the fit stops. Below 3 no cap won on any world (the fitted sums at C = 1: 1.2-1.7).
+POOL_CAPS = (3.0, 10.0)
+POOL_MAX_SUM = POOL_CAPS[-1]
 
 
 def blend_weights(probas: list[np.ndarray], y: np.ndarray) -> np.ndarray:
@@ -92,6 +97,48 @@ def pool_weights(logp: np.ndarray, y: np.ndarray, class_bias: bool = False,
                    options={"ftol": 1e-12, "maxiter": 1000})
     a = np.clip(res.x[:n_members], 0.0, None)
     return a, res.x[n_members:] if class_bias else np.zeros(n_classes)
+
+
+def _pool_fits(logp: np.ndarray, y: np.ndarray, class_bias: bool, caps: list[float]) -> dict:
+    """pool_weights at each cap of ``caps``, loosest first. The loss is convex, so a fit whose weights sum to less
+    than a tighter cap is also that cap's fit: it is reused rather than fitted again."""
+    fits, loose = {}, None
+    for cap in sorted(caps, reverse=True):
+        if loose is None or loose[0].sum() >= cap * (1 - 1e-6):
+            loose = pool_weights(logp, y, class_bias, cap)
+        fits[cap] = loose
+    return fits
+
+
+def pool_weights_cv(logp: np.ndarray, y: np.ndarray, class_bias: bool = False, caps=POOL_CAPS, folds: int = 5,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+    """pool_weights on these rows at the cap of ``caps`` whose weights, fitted on the other inner folds of these
+    rows only, gave the lowest log loss on each inner fold's own rows (ties: the tighter cap). Returns the weights,
+    the biases and the cap.
+
+    Only these rows are used, so a fold of the caller's CV that passes its training rows keeps its own rows unseen.
+    Caps at or above the sum of the loosest fit's weights all give that fit: when no tighter cap is left there is
+    nothing to choose and no inner CV is run (the usual case at C = 1, where the weights sum to 1.2-1.7).
+    """
+    caps = sorted(caps)
+    full = _pool_fits(logp, y, class_bias, caps)
+    # one cap per distinct fit, the tightest of those giving it
+    candidates = [c for k, c in enumerate(caps) if k == 0 or full[c] is not full[caps[k - 1]]]
+    folds = min(folds, int(np.bincount(y).max()))
+    if len(candidates) == 1 or folds < 2:
+        return (*full[candidates[0]], candidates[0])
+    rows = np.arange(len(y))
+    loss = np.zeros(len(candidates))
+    with warnings.catch_warnings():  # the caller's CV has already said so, about the same classes
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(rows, y))
+    for train, valid in splits:
+        inner = _pool_fits(logp[train], y[train], class_bias, candidates)
+        for k, cap in enumerate(candidates):
+            q = pool(logp[valid], *inner[cap])[np.arange(len(valid)), y[valid]]
+            loss[k] -= np.log(np.clip(q, EPS, 1.0)).sum()
+    best = candidates[int(np.argmin(loss))]
+    return (*full[best], best)
 
 
 def pool(logp: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> np.ndarray:
