@@ -106,6 +106,35 @@ def one_world(a, fs, world: str, seed: int, C: float) -> dict:
     return out
 
 
+def summary(results: dict) -> list[str]:
+    """Per world and member C, over seeds: each figure's mean, the cap the stack chose, and for each paired
+    difference the seeds whose row-bootstrap interval holds 0 and a t interval of the per-seed differences."""
+    from scipy import stats
+    lines = []
+    groups = {}
+    for r in results["runs"]:
+        groups.setdefault((r["world"], r["C"]), []).append(r)
+    for (world, C), runs in groups.items():
+        mean = lambda f, runs=runs: float(np.mean([f(r) for r in runs]))  # noqa: E731
+        caps = sorted(r["stack"]["cap"] for r in runs)
+        sums = [round(r["stack"]["weight_sum"], 2) for r in runs]
+        lines.append(f"{world}, C = {C:g}, {len(runs)} seeds (means): best member holdout "
+                     f"{mean(lambda r: min(r['member_holdout'].values())):.4f}; stack CV "
+                     f"{mean(lambda r: r['stack']['cv']):.4f} holdout {mean(lambda r: r['stack']['holdout']):.4f} "
+                     f"(caps chosen {caps}, sums {sums}); pool at cap 3: holdout "
+                     f"{mean(lambda r: r['caps'].get('3', {}).get('holdout', np.nan)):.4f}; "
+                     f"blend {mean(lambda r: r['blend']['holdout']):.4f}; logreg refit "
+                     f"{mean(lambda r: r['logreg']['holdout_refit']):.4f}, bagged "
+                     f"{mean(lambda r: r['logreg']['holdout_bagged']):.4f}")
+        for k in runs[0]["paired"]:
+            d = np.array([r["paired"][k]["diff"] for r in runs])
+            noise = sum(r["paired"][k]["within_noise"] for r in runs)
+            half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else np.nan
+            lines.append(f"   {k}: mean {d.mean():+.4f}, 95 % over seeds [{d.mean() - half:+.4f}, "
+                         f"{d.mean() + half:+.4f}]; row-bootstrap interval holds 0 on {noise} of {len(runs)} seeds")
+    return lines
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worlds", default="similar,strong_weak")
@@ -120,7 +149,12 @@ def main():
     p.add_argument("--full-nesting", action="store_true",
                    help="also the stack's CV with level 1 refit inside every outer fold (5 more stacks)")
     p.add_argument("--out", default="benchmarks/results/pool_cap.json")
+    p.add_argument("--summarise", default=None, help="only print the summary of this earlier --out")
     a = p.parse_args()
+    if a.summarise:
+        import json
+        print("\n".join(summary(json.loads(Path(a.summarise).read_text()))))
+        return
     a.caps = [float(c) for c in a.caps.split(",")]
     M.cpu_count = lambda: 1  # one BLAS thread, folds in this process: a shared machine's threads wait on each other
     results = {**header(), "runs": []}
@@ -147,6 +181,8 @@ def main():
                           f"{r['logreg']['holdout_bagged']:.4f}\n   caps (cv/holdout): {caps}\n   "
                           + "; ".join(f"{k}: {v['diff']:+.4f} [{v['ci95'][0]:+.4f}, {v['ci95'][1]:+.4f}]"
                                       for k, v in r["paired"].items()), flush=True)
+    results["summary"] = summary(results)
+    print("\n".join(results["summary"]))
     write_json(results, a.out)
 
 
