@@ -9,12 +9,14 @@ from scipy.special import log_softmax
 from sklearn.model_selection import StratifiedKFold
 
 EPS = 1e-15
-# Log-linear pooling may sharpen its members (weights summing above 1). How much is chosen inside the CV from these
-# caps on the weights' sum (pool_weights_cv). Under-confident members (logreg at small C) need sums of 3-8 (at C =
-# 0.01 and 0.001 on both realistic worlds, BENCHMARKS.md), where the old fixed cap of 3 cost holdout log loss (0.2729
-# against 0.2592, 0.5470 against 0.3405); members right on every training row need a cap at all: there the log loss
-# keeps falling as the weights grow (tests/test_models.py::test_pool_sharpens_separable_members_only_up_to_its_bound),
-# so the largest cap is where the fit stops. Below 3 no cap won on any world (the fitted sums at C = 1: 1.2-1.7).
+# Log-linear pooling may sharpen its members (weights summing above 1) up to a cap on their sum that an inner CV
+# chooses from POOL_CAPS (pool_weights_cv). 3 was the fixed cap before: under-confident members (logreg at C = 0.01
+# and 0.001 on both realistic worlds of benchmarks/worlds.py) needed sums of 3.4-7.7, and held at 3 they lost holdout
+# log loss (0.353 against 0.211, 0.503 against 0.313 at C = 0.001; benchmarks/bench_pool_cap.py, BENCHMARKS.md). A
+# cap is still needed: on members right on every training row the log loss falls without end as the weights grow
+# (tests/test_models.py::test_pool_sharpens_separable_members_only_up_to_its_bound; SLSQP gave up at a sum of 11), and
+# above 10 only members of near-uniform probabilities (C = 1e-4) gained. At C = 1 the fitted sums are 1.2-1.7 and no
+# cap binds; a cap of 1 did worse there.
 POOL_CAPS = (3.0, 10.0)
 POOL_MAX_SUM = POOL_CAPS[-1]
 
