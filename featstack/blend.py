@@ -11,12 +11,12 @@ from sklearn.model_selection import StratifiedKFold
 EPS = 1e-15
 # Log-linear pooling may sharpen its members (weights summing above 1) up to a cap on their sum that an inner CV
 # chooses from POOL_CAPS (pool_weights_cv). 3 was the fixed cap before: under-confident members (logreg at C = 0.01
-# and 0.001 on both realistic worlds of benchmarks/worlds.py) needed sums of 3.4-7.7, and held at 3 they lost holdout
-# log loss (0.353 against 0.211, 0.503 against 0.313 at C = 0.001; benchmarks/bench_pool_cap.py, BENCHMARKS.md). A
+# and 0.001 on both realistic worlds of benchmarks/worlds.py, 5 seeds) needed sums of 3.0-7.8, and held at 3 they lost
+# holdout log loss (0.347 against 0.212, 0.504 against 0.315 at C = 0.001; benchmarks/bench_pool_cap.py). A
 # cap is still needed: on members right on every training row the log loss falls without end as the weights grow
 # (tests/test_models.py::test_pool_sharpens_separable_members_only_up_to_its_bound; SLSQP gave up at a sum of 11), and
 # above 10 only members of near-uniform probabilities (C = 1e-4) gained. At C = 1 the fitted sums are 1.2-1.7 and no
-# cap binds; a cap of 1 did worse there.
+# cap binds (a cap of 1 did worse there).
 POOL_CAPS = (3.0, 10.0)
 POOL_MAX_SUM = POOL_CAPS[-1]
 
