@@ -392,6 +392,7 @@ class LogPool(_ProbaClassifier):
         self.classes_, y_index = np.unique(y, return_inverse=True)
         self.n_classes_ = len(self.classes_)
         logp = self._logp(X)
+
         def fit(rows):  # the cap too is chosen on these rows only (an inner CV): the OOF stays nested
             return pool_weights_cv(logp[rows], y_index[rows], self.class_bias, self.caps, self.folds, self.seed)
 

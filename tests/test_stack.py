@@ -207,7 +207,7 @@ def test_stack_default_level2_is_the_pool_with_its_weights_reported(tmp_path, st
     from featstack.blend import POOL_CAPS
     cap = report["level2"]["cap"]
     assert cap in POOL_CAPS and sum(weights.values()) <= cap + 1e-9
-    assert f"at most {cap:g}: the cap an inner CV chose" in run.report_md.read_text()
+    assert f"cap {cap:g}: chosen inside the CV)" in run.report_md.read_text()
     assert report["cv"]["estimate"] == "nested"
     assert json.loads(run.config_json.read_text())["level2"] == "pool"
     line = "level 2 pooling weights (one per member, >= 0): resnet50 "
