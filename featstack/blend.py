@@ -1,16 +1,13 @@
 """Blending out-of-fold probabilities, linearly (simplex weights) or log-linearly (pooling), minimising log loss."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from scipy.optimize import minimize
 from scipy.special import log_softmax
-from sklearn.model_selection import StratifiedKFold
 
 EPS = 1e-15
 # Log-linear pooling may sharpen its members (weights summing above 1) up to a cap on their sum that an inner CV
-# chooses from POOL_CAPS (pool_weights_cv). 3 was the fixed cap before: under-confident members (logreg at C = 0.01
+# chooses from POOL_CAPS (pool_cv). 3 was the fixed cap before: under-confident members (logreg at C = 0.01
 # and 0.001 on both realistic worlds of benchmarks/worlds.py, 5 seeds) needed sums of 3.0-7.8, and held at 3 they lost
 # holdout log loss (0.347 against 0.212, 0.504 against 0.315 at C = 0.001; benchmarks/bench_pool_cap.py). A
 # cap is still needed: on members right on every training row the log loss falls without end as the weights grow
@@ -112,35 +109,56 @@ def _pool_fits(logp: np.ndarray, y: np.ndarray, class_bias: bool, caps: list[flo
     return fits
 
 
-def pool_weights_cv(logp: np.ndarray, y: np.ndarray, class_bias: bool = False, caps=POOL_CAPS, folds: int = 5,
-                    seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
-    """pool_weights on these rows at the cap of ``caps`` whose weights, fitted on the other inner folds of these
-    rows only, gave the lowest log loss on each inner fold's own rows (ties: the tighter cap). Returns the weights,
-    the biases and the cap.
+def pool_cv(logp: np.ndarray, y: np.ndarray, splits, class_bias: bool = False, caps=POOL_CAPS
+            ) -> tuple[np.ndarray, list, tuple]:
+    """The pool's own CV over ``splits`` (each fold's weights fitted on the other folds' rows), with the cap on the
+    weights' sum chosen inside it. Returns the out-of-fold probabilities, each fold's (weights, biases, cap) and the
+    refit's on every row.
 
-    Only these rows are used, so a fold of the caller's CV that passes its training rows keeps its own rows unseen.
-    Caps at or above the sum of the loosest fit's weights all give that fit: when no tighter cap is left there is
-    nothing to choose and no inner CV is run (the usual case at C = 1, where the weights sum to 1.2-1.7).
+    A fold's cap is the one of ``caps`` whose pool, fitted on its training rows less one other fold, scores the lowest
+    log loss on that other fold, summed over the other folds (ties: the tighter cap): its own rows are never seen, so
+    the CV stays nested. The refit's cap is chosen the same way over every fold. Fits on "every row but folds k and
+    j" serve both fold k's and fold j's inner CV. Caps at or above the sum of the loosest fit's weights all give that
+    fit (the loss is convex): when no tighter cap is left there is nothing to choose and no inner CV is fitted (the
+    usual case at C = 1, where the weights sum to 1.2-1.7).
     """
+    splits = list(splits)
     caps = sorted(caps)
-    full = _pool_fits(logp, y, class_bias, caps)
-    # one cap per distinct fit, the tightest of those giving it
-    candidates = [c for k, c in enumerate(caps) if k == 0 or full[c] is not full[caps[k - 1]]]
-    folds = min(folds, int(np.bincount(y).max()))
-    if len(candidates) == 1 or folds < 2:
-        return (*full[candidates[0]], candidates[0])
-    rows = np.arange(len(y))
-    loss = np.zeros(len(candidates))
-    with warnings.catch_warnings():  # the caller's CV has already said so, about the same classes
-        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-        splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(rows, y))
-    for train, valid in splits:
-        inner = _pool_fits(logp[train], y[train], class_bias, candidates)
-        for k, cap in enumerate(candidates):
-            q = pool(logp[valid], *inner[cap])[np.arange(len(valid)), y[valid]]
-            loss[k] -= np.log(np.clip(q, EPS, 1.0)).sum()
-    best = candidates[int(np.argmin(loss))]
-    return (*full[best], best)
+    fold_of = np.empty(len(y), dtype=int)
+    for k, (_, valid) in enumerate(splits):
+        fold_of[valid] = k
+    cache: dict[frozenset, dict] = {}
+
+    def fits(left_out: frozenset) -> dict:
+        if left_out not in cache:
+            rows = np.flatnonzero(~np.isin(fold_of, list(left_out)))
+            cache[left_out] = _pool_fits(logp[rows], y[rows], class_bias, caps)
+        return cache[left_out]
+
+    def choose(left_out: frozenset) -> float:
+        full = fits(left_out)
+        # one cap per distinct fit, the tightest of those giving it
+        candidates = [c for k, c in enumerate(caps) if k == 0 or full[c] is not full[caps[k - 1]]]
+        if len(candidates) == 1:
+            return candidates[0]
+        loss = np.zeros(len(candidates))
+        for j, (_, valid) in enumerate(splits):
+            if j not in left_out:
+                inner = fits(left_out | {j})
+                for i, cap in enumerate(candidates):
+                    q = pool(logp[valid], *inner[cap])[np.arange(len(valid)), y[valid]]
+                    loss[i] -= np.log(np.clip(q, EPS, 1.0)).sum()
+        return candidates[int(np.argmin(loss))]
+
+    oof = np.zeros((len(y), logp.shape[2]))
+    fitted = []
+    for k, (_, valid) in enumerate(splits):
+        cap = choose(frozenset({k}))
+        a, b = fits(frozenset({k}))[cap]
+        oof[valid] = pool(logp[valid], a, b)
+        fitted.append((a, b, cap))
+    cap = choose(frozenset())
+    return oof, fitted, (*fits(frozenset())[cap], cap)
 
 
 def pool(logp: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from .blend import POOL_CAPS, blend, blend_oof, blend_weights, fold_wise, pool, pool_weights_cv
+from .blend import POOL_CAPS, blend, blend_oof, blend_weights, pool, pool_cv
 from .errors import FeatstackError
 from .reports import kaggle_log_loss
 
@@ -369,7 +369,7 @@ def level2_inputs(probas: list[np.ndarray]) -> np.ndarray:
 class LogPool(_ProbaClassifier):
     """Level 2 that nests each member: log-linear pooling ``p(c | x) ∝ exp(sum_m a_m log p_m(c | x) + b_c)`` with
     member weights ``weights_ >= 0`` fitted to minimise log loss, their sum at most a cap of ``caps`` chosen by an
-    inner CV (``cap_``; ``blend.pool_weights_cv``).
+    inner CV (``cap_``; ``blend.pool_cv``).
 
     Its inputs are ``level2_inputs`` (members' clipped log-probabilities side by side, members x classes columns).
     A full logistic regression on those columns is shrunk by L2 toward uniform probabilities, so on a few hundred
@@ -392,14 +392,10 @@ class LogPool(_ProbaClassifier):
         self.classes_, y_index = np.unique(y, return_inverse=True)
         self.n_classes_ = len(self.classes_)
         logp = self._logp(X)
-
-        def fit(rows):  # the cap too is chosen on these rows only (an inner CV): the OOF stays nested
-            return pool_weights_cv(logp[rows], y_index[rows], self.class_bias, self.caps, self.folds, self.seed)
-
-        self.oof_, fitted = fold_wise(fit, lambda rows, abc: pool(logp[rows], *abc[:2]), (len(y), self.n_classes_),
-                                      _folds(self.folds, self.seed).split(logp, y_index))
+        # the cap too is chosen inside each fold, on that fold's training rows only: the OOF stays nested
+        self.oof_, fitted, (self.weights_, self.bias_, self.cap_) = pool_cv(
+            logp, y_index, _folds(self.folds, self.seed).split(logp, y_index), self.class_bias, self.caps)
         self.fold_weights_, self.fold_caps_ = [a for a, _, _ in fitted], [c for _, _, c in fitted]
-        self.weights_, self.bias_, self.cap_ = fit(np.arange(len(y)))
         return self
 
     def cv_predict_proba(self, y):
