@@ -28,7 +28,7 @@ from featstack.synthetic import write_synthetic_store  # noqa: E402
 SHAPES = {"test": dict(classes=4, per_class=30, separation=0.5),
           "world": dict(classes=20, per_class=100, separation=1.0, widths={"a": 64, "b": 64, "c": 64, "d": 32}),
           "large": dict(classes=30, per_class=60, separation=0.5, widths={"a": 512, "b": 512}),
-          "dogbreed_wide": dict(classes=120, per_class=12, separation=0.3, widths={"a": 2048, "b": 2048}, world="hard")}
+          "dogbreed_wide": dict(classes=120, per_class=8, separation=0.3, widths={"a": 2048, "b": 1024}, world="hard")}
 
 
 def recipe(X, y):
