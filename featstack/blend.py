@@ -6,12 +6,16 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax
 
 EPS = 1e-15
-# Log-linear pooling may sharpen its members (weights summing above 1), but at most this much: on out-of-fold
-# predictions right on every training row the log loss keeps falling as the weights grow (they sum to 11 where the
-# optimiser gives up, in tests/test_models.py::test_pool_sharpens_separable_members_only_up_to_its_bound), and one
-# holdout mistake then costs up to 34.5. On both realistic worlds the fitted weights sum to 1.2-1.3 (BENCHMARKS.md):
-# the bound does not bind there.
-POOL_MAX_SUM = 3.0
+# Log-linear pooling may sharpen its members (weights summing above 1) up to a cap on their sum that an inner CV
+# chooses from POOL_CAPS (pool_cv). 3 was the fixed cap before: under-confident members (logreg at C = 0.01
+# and 0.001 on both realistic worlds of benchmarks/worlds.py, 5 seeds) needed sums of 3.0-7.8, and held at 3 they lost
+# holdout log loss (0.347 against 0.212, 0.504 against 0.315 at C = 0.001; benchmarks/bench_pool_cap.py). A
+# cap is still needed: on members right on every training row the log loss falls without end as the weights grow
+# (tests/test_models.py::test_pool_sharpens_separable_members_only_up_to_its_bound; SLSQP gave up at a sum of 11), and
+# above 10 only members of near-uniform probabilities (C = 1e-4) gained. At C = 1 the fitted sums are 1.2-1.7 and no
+# cap binds (a cap of 1 did worse there).
+POOL_CAPS = (3.0, 10.0)
+POOL_MAX_SUM = POOL_CAPS[-1]
 
 
 def blend_weights(probas: list[np.ndarray], y: np.ndarray) -> np.ndarray:
@@ -92,6 +96,69 @@ def pool_weights(logp: np.ndarray, y: np.ndarray, class_bias: bool = False,
                    options={"ftol": 1e-12, "maxiter": 1000})
     a = np.clip(res.x[:n_members], 0.0, None)
     return a, res.x[n_members:] if class_bias else np.zeros(n_classes)
+
+
+def _pool_fits(logp: np.ndarray, y: np.ndarray, class_bias: bool, caps: list[float]) -> dict:
+    """pool_weights at each cap of ``caps``, loosest first. The loss is convex, so a fit whose weights sum to less
+    than a tighter cap is also that cap's fit: it is reused rather than fitted again."""
+    fits, loose = {}, None
+    for cap in sorted(caps, reverse=True):
+        if loose is None or loose[0].sum() >= cap * (1 - 1e-6):
+            loose = pool_weights(logp, y, class_bias, cap)
+        fits[cap] = loose
+    return fits
+
+
+def pool_cv(logp: np.ndarray, y: np.ndarray, splits, class_bias: bool = False, caps=POOL_CAPS
+            ) -> tuple[np.ndarray, list, tuple]:
+    """The pool's own CV over ``splits`` (each fold's weights fitted on the other folds' rows), with the cap on the
+    weights' sum chosen inside it. Returns the out-of-fold probabilities, each fold's (weights, biases, cap) and the
+    refit's on every row.
+
+    A fold's cap is the one of ``caps`` whose pool, fitted on its training rows less one other fold, scores the lowest
+    log loss on that other fold, summed over the other folds (ties: the tighter cap): its own rows are never seen, so
+    the CV stays nested. The refit's cap is chosen the same way over every fold. Fits on "every row but folds k and
+    j" serve both fold k's and fold j's inner CV. Caps at or above the sum of the loosest fit's weights all give that
+    fit (the loss is convex): when no tighter cap is left there is nothing to choose and no inner CV is fitted (the
+    usual case at C = 1, where the weights sum to 1.2-1.7).
+    """
+    splits = list(splits)
+    caps = sorted(caps)
+    fold_of = np.empty(len(y), dtype=int)
+    for k, (_, valid) in enumerate(splits):
+        fold_of[valid] = k
+    cache: dict[frozenset, dict] = {}
+
+    def fits(left_out: frozenset) -> dict:
+        if left_out not in cache:
+            rows = np.flatnonzero(~np.isin(fold_of, list(left_out)))
+            cache[left_out] = _pool_fits(logp[rows], y[rows], class_bias, caps)
+        return cache[left_out]
+
+    def choose(left_out: frozenset) -> float:
+        full = fits(left_out)
+        # one cap per distinct fit, the tightest of those giving it
+        candidates = [c for k, c in enumerate(caps) if k == 0 or full[c] is not full[caps[k - 1]]]
+        if len(candidates) == 1:
+            return candidates[0]
+        loss = np.zeros(len(candidates))
+        for j, (_, valid) in enumerate(splits):
+            if j not in left_out:
+                inner = fits(left_out | {j})
+                for i, cap in enumerate(candidates):
+                    q = pool(logp[valid], *inner[cap])[np.arange(len(valid)), y[valid]]
+                    loss[i] -= np.log(np.clip(q, EPS, 1.0)).sum()
+        return candidates[int(np.argmin(loss))]
+
+    oof = np.zeros((len(y), logp.shape[2]))
+    fitted = []
+    for k, (_, valid) in enumerate(splits):
+        cap = choose(frozenset({k}))
+        a, b = fits(frozenset({k}))[cap]
+        oof[valid] = pool(logp[valid], a, b)
+        fitted.append((a, b, cap))
+    cap = choose(frozenset())
+    return oof, fitted, (*fits(frozenset())[cap], cap)
 
 
 def pool(logp: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> np.ndarray:

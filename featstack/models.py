@@ -18,7 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from threadpoolctl import threadpool_limits
 
-from .blend import blend, blend_oof, blend_weights, fold_wise, pool, pool_weights
+from .blend import POOL_CAPS, blend, blend_oof, blend_weights, pool, pool_cv
 from .errors import FeatstackError
 from .reports import kaggle_log_loss
 
@@ -368,7 +368,8 @@ def level2_inputs(probas: list[np.ndarray]) -> np.ndarray:
 
 class LogPool(_ProbaClassifier):
     """Level 2 that nests each member: log-linear pooling ``p(c | x) ∝ exp(sum_m a_m log p_m(c | x) + b_c)`` with
-    member weights ``weights_ >= 0`` fitted to minimise log loss (``blend.pool_weights``).
+    member weights ``weights_ >= 0`` fitted to minimise log loss, their sum at most a cap of ``caps`` chosen by an
+    inner CV (``cap_``; ``blend.pool_cv``).
 
     Its inputs are ``level2_inputs`` (members' clipped log-probabilities side by side, members x classes columns).
     A full logistic regression on those columns is shrunk by L2 toward uniform probabilities, so on a few hundred
@@ -378,10 +379,11 @@ class LogPool(_ProbaClassifier):
     CVLogReg it keeps its own OOF (``oof_``): weights fitted inside each fold on the other folds' rows only.
     """
 
-    def __init__(self, folds: int = 5, seed: int = 0, class_bias: bool = False):
+    def __init__(self, folds: int = 5, seed: int = 0, class_bias: bool = False, caps: tuple = POOL_CAPS):
         self.folds = folds
         self.seed = seed
         self.class_bias = class_bias
+        self.caps = caps
 
     def _logp(self, X):
         return np.asarray(X, dtype=np.float64).reshape(len(X), -1, self.n_classes_)
@@ -390,11 +392,10 @@ class LogPool(_ProbaClassifier):
         self.classes_, y_index = np.unique(y, return_inverse=True)
         self.n_classes_ = len(self.classes_)
         logp = self._logp(X)
-        self.oof_, fitted = fold_wise(lambda rows: pool_weights(logp[rows], y_index[rows], self.class_bias),
-                                      lambda rows, ab: pool(logp[rows], *ab), (len(y), self.n_classes_),
-                                      _folds(self.folds, self.seed).split(logp, y_index))
-        self.fold_weights_ = [a for a, _ in fitted]
-        self.weights_, self.bias_ = pool_weights(logp, y_index, self.class_bias)
+        # the cap too is chosen inside each fold, on that fold's training rows only: the OOF stays nested
+        self.oof_, fitted, (self.weights_, self.bias_, self.cap_) = pool_cv(
+            logp, y_index, _folds(self.folds, self.seed).split(logp, y_index), self.class_bias, self.caps)
+        self.fold_weights_, self.fold_caps_ = [a for a, _, _ in fitted], [c for _, _, c in fitted]
         return self
 
     def cv_predict_proba(self, y):
@@ -538,7 +539,8 @@ def fitted_summary(estimator) -> dict:
     if isinstance(estimator, OOFStack):
         level2 = estimator.level2_
         fitted = ({"weights": {n: float(w) for n, w in zip(estimator.members_, level2.weights_)},
-                   "class_bias": level2.class_bias} if isinstance(level2, LogPool) else choice(level2))
+                   "class_bias": level2.class_bias, "cap": level2.cap_} if isinstance(level2, LogPool)
+                  else choice(level2))
         out["level2"] = {"model": estimator.level2, **fitted, "inputs": f"log-probabilities clipped at {LOG_CLIP:g}"}
     if isinstance(estimator, Blend):
         out["blend_weights"] = {n: float(w) for n, w in zip(estimator.members_, estimator.weights_)}

@@ -188,8 +188,10 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"level 2: {l2['model']} on the members' {l2.get('inputs', 'out-of-fold probabilities')}")
         if l2.get("weights"):
             bias = "; plus a bias per class" if l2.get("class_bias") else ""
+            cap = (f" (sum {sum(l2['weights'].values()):.3f}, cap {l2['cap']:g}: chosen inside the CV)"
+                   if l2.get("cap") else "")
             lines.append(f"level 2 pooling weights (one per member, >= 0{bias}): "
-                         + ", ".join(f"{n} {w:.3f}" for n, w in l2["weights"].items()))
+                         + ", ".join(f"{n} {w:.3f}" for n, w in l2["weights"].items()) + cap)
         lines += _choice_lines("level 2", l2, report["folds"])
     return lines
 

@@ -335,10 +335,50 @@ def test_pool_sharpens_separable_members_only_up_to_its_bound():
     assert POOL_MAX_SUM - 1e-6 <= w.sum() <= POOL_MAX_SUM + 1e-9, w
 
 
-def test_pool_cv_never_fits_weights_on_the_rows_it_scores():
+def _under_confident(n, rng, classes=8, softness=8.0):
+    """OOF-like probabilities of three members that rank the classes well but are far too soft (as logreg at a small
+    C is): the true posterior's logits divided by ``softness``, plus each member's own noise."""
+    from scipy.special import softmax
+    logits = 3.0 * rng.standard_normal((n, classes))
+    y = np.array([rng.choice(classes, p=p) for p in softmax(logits, axis=1)])
+    return y, [softmax((logits + s * rng.standard_normal((n, classes))) / softness, axis=1) for s in (0.5, 1.0, 1.0)]
+
+
+def _pool_oof_held_at_3(X, y, folds=5, seed=0):
+    """The pool's nested OOF as it was before issue #31: weights summing to at most 3, on LogPool's folds."""
+    from featstack.blend import fold_wise, pool, pool_weights
+    logp = X.reshape(len(X), -1, len(np.unique(y)))
+    return fold_wise(lambda rows: pool_weights(logp[rows], y[rows], max_sum=3.0),
+                     lambda rows, ab: pool(logp[rows], *ab), (len(y), logp.shape[2]),
+                     StratifiedKFold(folds, shuffle=True, random_state=seed).split(logp, y))[0]
+
+
+def test_pool_cap_is_chosen_inside_the_cv_so_under_confident_members_can_be_sharpened():
+    """Members too soft by a factor 8: the pool needs weights summing well above the old fixed cap of 3. The cap
+    its inner CV chooses lets them, and the pool's nested CV log loss beats the pool held at 3 (issue #31)."""
+    from featstack.reports import kaggle_log_loss
+    y, probas = _under_confident(1200, np.random.default_rng(0))
+    X = M.level2_inputs(probas)
+    chosen = M.LogPool().fit(X, y)
+    assert chosen.weights_.sum() > 4, chosen.weights_
+    held = _pool_oof_held_at_3(X, y)
+    assert kaggle_log_loss(y, chosen.oof_) < kaggle_log_loss(y, held) - 0.05, (
+        kaggle_log_loss(y, chosen.oof_), kaggle_log_loss(y, held))
+    assert chosen.cap_ > 3 and all(c > 3 for c in chosen.fold_caps_), (chosen.cap_, chosen.fold_caps_)
+    np.testing.assert_allclose(chosen.oof_.sum(axis=1), 1, atol=1e-12)
+    # a single cap is the old behaviour, with no inner CV
+    only = M.LogPool(caps=(3.0,)).fit(X, y)
+    assert only.cap_ == 3.0 and only.weights_.sum() <= 3 + 1e-9
+    np.testing.assert_array_equal(only.oof_, held)
+
+
+@pytest.mark.parametrize("members", ["one clearly best", "under-confident"])
+def test_pool_cv_never_fits_weights_on_the_rows_it_scores(members):
     """Shuffling the level-2 inputs among fold 0's held-out rows leaves fold 0's weights as they were: its OOF rows
-    are shuffled the same way and otherwise unchanged."""
-    y, probas = _one_clearly_best(400, np.random.default_rng(1))
+    are shuffled the same way and otherwise unchanged (with under-confident members, the cap's inner CV runs in each
+    fold: it too sees only that fold's training rows)."""
+    make = _one_clearly_best if members == "one clearly best" else _under_confident
+    y, probas = make(400, np.random.default_rng(1))
     X = M.level2_inputs(probas)
     held_out = next(iter(StratifiedKFold(5, shuffle=True, random_state=0).split(X, y)))[1]
     shuffled = np.random.default_rng(0).permutation(held_out)
@@ -362,6 +402,22 @@ def test_stack_with_the_pool_level2_is_not_worse_than_its_best_member(tmp_path):
     assert kaggle_log_loss(y, stack.oof_) <= 1.02 * best + 0.005, (kaggle_log_loss(y, stack.oof_), best)
     full = M.CVLogReg(C="auto", grid=M.LEVEL2_C_GRID).fit(M.level2_inputs(stack.oof_level1_), y)
     assert kaggle_log_loss(y, full.oof_) > 1.02 * best + 0.005, (kaggle_log_loss(y, full.oof_), best)
+
+
+def test_stack_of_under_confident_members_is_not_worse_than_its_best_member(tmp_path):
+    """The same world with the members at C = 0.001 (far too soft): the pool sharpens them past the old cap of 3,
+    with a cap chosen inside its CV, and its nested CV stays within issue #19's bound of the best member and beats
+    the pool held at 3 on the same level-1 OOF."""
+    from featstack.reports import kaggle_log_loss
+    X, y, fs = _xy(write_synthetic_store(tmp_path, "s", classes=12, per_class=15, separation=0.8, world="similar",
+                                         widths={"a": 32, "b": 32, "c": 32}))
+    stack = M.build("stack", fs.column_ranges, C=0.001).fit(X, y)
+    best = min(kaggle_log_loss(y, oof) for oof in stack.oof_level1_)
+    assert kaggle_log_loss(y, stack.oof_) <= 1.02 * best + 0.005, (kaggle_log_loss(y, stack.oof_), best)
+    held = _pool_oof_held_at_3(M.level2_inputs(stack.oof_level1_), y)
+    assert kaggle_log_loss(y, stack.oof_) < kaggle_log_loss(y, held) - 0.02, (
+        kaggle_log_loss(y, stack.oof_), kaggle_log_loss(y, held))
+    assert stack.level2_.weights_.sum() > 3 and stack.level2_.cap_ > 3
 
 
 # Last in the file: the demo is built once per run by the first worker that needs it; tests before this one

@@ -191,7 +191,8 @@ def test_stack_members_level2_and_progress_in_console_and_report(tmp_path, store
 
 def test_stack_default_level2_is_the_pool_with_its_weights_reported(tmp_path, store, capsys):
     """stack.py's default level 2 pools the members log-linearly: a weight >= 0 per member in report.json, the console
-    and report.md; nothing is chosen on its CV (weights fitted inside each fold), so the figure is nested."""
+    and report.md, with the cap on their sum; nothing is chosen on its CV (weights and cap chosen inside each fold),
+    so the figure is nested."""
     from featstack.commands import stack as stack_command
     stack_command.main(["--features", str(store.root), "--model", "stack", "--models-dir", str(tmp_path),
                         "--run-id", "pooled"])
@@ -202,6 +203,11 @@ def test_stack_default_level2_is_the_pool_with_its_weights_reported(tmp_path, st
     weights = report["level2"]["weights"]
     assert list(weights) == report["members"] == ["resnet50", "vgg16", "concat"]
     assert all(w >= 0 for w in weights.values()) and max(weights.values()) > 0
+    # the cap on the weights' sum, chosen by an inner CV inside each fold and for the refit (issue #31)
+    from featstack.blend import POOL_CAPS
+    cap = report["level2"]["cap"]
+    assert cap in POOL_CAPS and sum(weights.values()) <= cap + 1e-9
+    assert f"cap {cap:g}: chosen inside the CV)" in run.report_md.read_text()
     assert report["cv"]["estimate"] == "nested"
     assert json.loads(run.config_json.read_text())["level2"] == "pool"
     line = "level 2 pooling weights (one per member, >= 0): resnet50 "
