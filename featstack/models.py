@@ -47,6 +47,12 @@ LEVEL2_C_GRID = tuple(10.0 ** k for k in range(-4, 1))
 # Level-2 inputs are log-probabilities clipped here: log(1e-15) = -34.5 would dominate a standardised column.
 LOG_CLIP = 1e-5
 LGBM_PCA_DIMS = 128
+# LightGBM sees the raw pooled features up to this width, PCA to LGBM_PCA_DIMS only beyond it (issue #32): trees split
+# raw ReLU activations well and PCA's rotations badly. Holdout log loss against logreg's, PCA to 128 -> raw, on
+# the three realistic worlds of benchmarks/worlds.py: similar 1.39 -> 1.04 x, strong_weak 1.27 -> 1.01 x, pooled
+# (1,792 dims) 2.00 -> 1.21 x (benchmarks/bench_lgbm.py, BENCHMARKS.md). Raw costs 2-15x the CPU seconds (pooled:
+# 98 s against 6.4 s a fit); the dog-breed shape's 6,656 dims stay on PCA, where a raw fit would take an hour.
+LGBM_PCA_ABOVE = 2048
 # LightGBM runs on one OpenMP thread, its folds in worker processes like logreg's (fit_with_oof): on a 2-core machine
 # where anything else is running, OpenMP's barriers made 2 threads 6-500x slower than 1 (9,199 x 128 x 120 classes:
 # 6.0 s against 3.4 s for 10 rounds; 640 x 128 x 20: 279 s against 1.4 s for 100; BENCHMARKS.md). deterministic=True
@@ -318,8 +324,9 @@ class _RoundReporter:
 class PCALightGBM(_ProbaClassifier):
     """LightGBM made practical on thousands of CNN dims: standardise, PCA, early stopping, then a refit.
 
-    120 classes grow 120 trees a round; on 6,656 raw dims that is tens of minutes on 2 cores. PCA to
-    ``pca_dims`` keeps the leading structure of pooled CNN features and shrinks each tree's split search; 63
+    120 classes grow 120 trees a round; on 6,656 raw dims that is tens of minutes on 2 cores. Above ``pca_above``
+    dims, PCA to ``pca_dims`` keeps the leading structure of pooled CNN features and shrinks each tree's split
+    search (at a cost in log loss: narrower inputs stay raw, LGBM_PCA_ABOVE); 63
     histogram bins and small trees keep a round cheap. Early stopping on a stratified 10 % of the training rows
     finds the number of rounds, and the booster is then refit on every training row at that count, as a Kaggle
     competitor would. The minimum leaf hessian is small: a row's hessian in a 120-class softmax is about 1/120,
@@ -330,11 +337,13 @@ class PCALightGBM(_ProbaClassifier):
     every row in threads (LightGBM releases the GIL), so the progress lines come from all of them.
     """
 
-    def __init__(self, pca_dims: int | None = LGBM_PCA_DIMS, n_estimators: int = 400, learning_rate: float = 0.1,
+    def __init__(self, pca_dims: int | None = LGBM_PCA_DIMS, pca_above: int = LGBM_PCA_ABOVE,
+                 n_estimators: int = 400, learning_rate: float = 0.1,
                  num_leaves: int = 7, min_child_samples: int = 10, min_child_weight: float = 1e-3,
                  reg_lambda: float = 1.0, colsample_bytree: float = 0.5, early_stopping_rounds: int = 20,
                  folds: int | None = None, seed: int = 0, n_jobs: int = LGBM_THREADS, label: str = "lgbm"):
         self.pca_dims = pca_dims
+        self.pca_above = pca_above
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
         self.num_leaves = num_leaves
@@ -347,6 +356,9 @@ class PCALightGBM(_ProbaClassifier):
         self.seed = seed
         self.n_jobs = n_jobs
         self.label = label
+
+    def _pca(self, dims: int) -> bool:
+        return bool(self.pca_dims) and dims > max(self.pca_dims, self.pca_above)
 
     def _booster(self, rounds: int):
         import lightgbm as lgb
@@ -362,7 +374,7 @@ class PCALightGBM(_ProbaClassifier):
         string labels crashed and {5, 6, 7} stopped at the wrong round, issue #31)."""
         import lightgbm as lgb
         steps = [StandardScaler()]
-        if self.pca_dims and X.shape[1] > self.pca_dims:
+        if self._pca(X.shape[1]):
             steps.append(PCA(n_components=min(self.pca_dims, X.shape[0] - 1), random_state=self.seed))
         self.reduce_ = make_pipeline(*steps).fit(X, standardscaler__sample_weight=sample_weight)
         Z = self.reduce_.transform(X).astype(np.float32)
@@ -389,7 +401,7 @@ class PCALightGBM(_ProbaClassifier):
         n_classes = len(self.classes_)
         reporter = _RoundReporter(self.label)
         if not self.folds:
-            say(f"{self.label}: standardise{', PCA' if self.pca_dims else ''} and early stopping on "
+            say(f"{self.label}: standardise{', PCA' if self._pca(X.shape[1]) else ''} and early stopping on "
                 f"{len(y_index)} rows")
             return self._fit_encoded(X, y_index, sample_weight, reporter, "fit")
         splits = list(_folds(self.folds, self.seed).split(X, y_index))

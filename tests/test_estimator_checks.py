@@ -11,9 +11,9 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from featstack import models as M
 
 
-# small settings: the checks' datasets are tens of rows. PCALightGBM with folds: its fit on every row is the
-# plain (folds=None) fit, and its folds run in threads.
-@parametrize_with_checks([M.CVLogReg(folds=2), M.PCALightGBM(pca_dims=4, n_estimators=10, folds=2),
+# Small settings: the checks' datasets are tens of rows (PCA to 4 dims above 4 covers the PCA path). With folds,
+# PCALightGBM's fit on every row is the plain (folds=None) fit, and its folds run in threads.
+@parametrize_with_checks([M.CVLogReg(folds=2), M.PCALightGBM(pca_dims=4, pca_above=4, n_estimators=10, folds=2),
                           M.LogPool(folds=2)],
                          expected_failed_checks=M.expected_failed_checks)
 def test_scikit_learn_estimator_checks(estimator, check):
