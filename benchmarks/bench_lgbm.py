@@ -43,6 +43,7 @@ CONFIGS = {
     "min_data25": {"min_child_samples": 25},
     "min_hess0.1": {"min_child_weight": 0.1},
     "lambda10": {"reg_lambda": 10.0},
+    "ff0.1": {"colsample_bytree": 0.1},
     "ff0.2": {"colsample_bytree": 0.2},
     "ff0.8": {"colsample_bytree": 0.8},
     "lr0.05": {"learning_rate": 0.05, "n_estimators": 800},
