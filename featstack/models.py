@@ -53,6 +53,10 @@ LGBM_PCA_DIMS = 128
 # (1,792 dims) 2.00 -> 1.21 x (benchmarks/bench_lgbm.py, BENCHMARKS.md). Raw costs 2-15x the CPU seconds (pooled:
 # 98 s against 6.4 s a fit); the dog-breed shape's 6,656 dims stay on PCA, where a raw fit would take an hour.
 LGBM_PCA_ABOVE = 2048
+# A fifth of the features per tree: on raw features 0.95 / 0.90 / 1.17 x logreg against 0.5's 1.04 / 1.01 / 1.21 x,
+# at about half the CPU seconds (0.1: 0.94 / 0.96 / 1.10 x; leaves, L2, minimum rows or hessian a leaf and the rate
+# moved it less and not consistently: BENCHMARKS.md).
+LGBM_FEATURE_FRACTION = 0.2
 # LightGBM runs on one OpenMP thread, its folds in worker processes like logreg's (fit_with_oof): on a 2-core machine
 # where anything else is running, OpenMP's barriers made 2 threads 6-500x slower than 1 (9,199 x 128 x 120 classes:
 # 6.0 s against 3.4 s for 10 rounds; 640 x 128 x 20: 279 s against 1.4 s for 100; BENCHMARKS.md). deterministic=True
@@ -340,8 +344,9 @@ class PCALightGBM(_ProbaClassifier):
     def __init__(self, pca_dims: int | None = LGBM_PCA_DIMS, pca_above: int = LGBM_PCA_ABOVE,
                  n_estimators: int = 400, learning_rate: float = 0.1,
                  num_leaves: int = 7, min_child_samples: int = 10, min_child_weight: float = 1e-3,
-                 reg_lambda: float = 1.0, colsample_bytree: float = 0.5, early_stopping_rounds: int = 20,
-                 folds: int | None = None, seed: int = 0, n_jobs: int = LGBM_THREADS, label: str = "lgbm"):
+                 reg_lambda: float = 1.0, colsample_bytree: float = LGBM_FEATURE_FRACTION,
+                 early_stopping_rounds: int = 20, folds: int | None = None, seed: int = 0,
+                 n_jobs: int = LGBM_THREADS, label: str = "lgbm"):
         self.pca_dims = pca_dims
         self.pca_above = pca_above
         self.n_estimators = n_estimators
@@ -616,7 +621,9 @@ class OOFStack(_Members):
         if self.level2 == "logreg":  # keeps its own OOF, from the same folds: the stack's CV costs no second pass
             return CVLogReg(C=self.level2_C, folds=self.folds, seed=self.seed, grid=LEVEL2_C_GRID,
                             label="stack level 2")
-        return PCALightGBM(pca_dims=None, folds=self.folds, seed=self.seed, label="stack level 2")
+        # half of the members x classes columns a tree, as measured before issue #32 (not re-measured there)
+        return PCALightGBM(pca_dims=None, colsample_bytree=0.5, folds=self.folds, seed=self.seed,
+                           label="stack level 2")
 
     def fit(self, X, y):
         y = self._fit_level1(X, y)
