@@ -21,11 +21,13 @@ RANDOM_WEIGHTS_NOTE = ("note: these features come from RANDOM weights (weights=r
                        "demo); the scores say nothing about what ImageNet features would give")
 
 
-def kaggle_log_loss(y: np.ndarray, proba: np.ndarray) -> float:
-    """Multi-class log loss as Kaggle scores it: rows renormalised, then clipped to [1e-15, 1 - 1e-15]."""
+def kaggle_log_loss(y: np.ndarray, proba: np.ndarray, sample_weight: np.ndarray | None = None) -> float:
+    """Multi-class log loss as Kaggle scores it: rows renormalised, then clipped to [1e-15, 1 - 1e-15]; with
+    ``sample_weight``, the weighted mean over rows (what a weighted fit minimises)."""
     p = proba / proba.sum(axis=1, keepdims=True)
     p = np.clip(p, EPS, 1 - EPS)
-    return float(-np.mean(np.log(p[np.arange(len(y)), y])))
+    losses = -np.log(p[np.arange(len(y)), y])
+    return float(np.mean(losses) if sample_weight is None else np.average(losses, weights=sample_weight))
 
 
 def scores(y: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:

@@ -18,6 +18,11 @@ from .paths import MODELS_DIR
 from .reports import kaggle_log_loss
 from .stack import _check_trainable
 
+# A backbone earns its place by more than fitting noise: a step that improves the selection score by less than
+# SELECT_TIE is a tie, and a chosen backbone whose blend weight prints as 0.000 adds nothing to the blend (issue #31:
+# a pure-noise backbone was kept at weight 0.000 for a 3e-8 lower score, the optimiser's noise).
+SELECT_TIE = 1e-6
+ZERO_WEIGHT = 5e-4
 COLUMNS = ["step", "backbone", "alone_log_loss", "selection_log_loss", "weights", "extract_seconds", "width"]
 
 
@@ -35,14 +40,23 @@ def greedy_selection(oofs: dict[str, np.ndarray], y: np.ndarray, splits) -> list
         chosen.append(best)
         remaining.remove(best)
         weights = blend_weights([oofs[c] for c in chosen], y)
-        steps.append({"backbone": best, "selection_log_loss": scored[best],
+        steps.append({"backbone": best, "selection_log_loss": scored[best], "weight_values": list(weights),
                       "weights": " ".join(f"{c}={w:.3f}" for c, w in zip(chosen, weights))})
     return steps
 
 
 def chosen_prefix(steps: list[dict]) -> int:
-    """How many of the greedy path's first backbones to keep: the step with the lowest selection score."""
-    return 1 + int(np.argmin([s["selection_log_loss"] for s in steps]))
+    """How many of the greedy path's first backbones to keep: the first step within SELECT_TIE of the lowest
+    selection score."""
+    scores = np.array([s["selection_log_loss"] for s in steps])
+    return 1 + int(np.flatnonzero(scores <= scores.min() + SELECT_TIE)[0])
+
+
+def chosen_backbones(steps: list[dict]) -> list[str]:
+    """The chosen prefix's backbones, less those its blend gives a zero weight (to the printed 3 decimals)."""
+    step = steps[chosen_prefix(steps) - 1]
+    prefix = [s["backbone"] for s in steps[:chosen_prefix(steps)]]
+    return [b for b, w in zip(prefix, step["weight_values"]) if w >= ZERO_WEIGHT]
 
 
 def nested_estimate(oofs: dict[str, np.ndarray], y: np.ndarray, outer_splits, inner_folds: int, seed: int) -> float:
@@ -52,7 +66,7 @@ def nested_estimate(oofs: dict[str, np.ndarray], y: np.ndarray, outer_splits, in
     for train, valid in outer_splits:
         inner = list(M._folds(inner_folds, seed).split(train, y[train]))
         steps = greedy_selection({b: o[train] for b, o in oofs.items()}, y[train], inner)
-        chosen = [s["backbone"] for s in steps[:chosen_prefix(steps)]]
+        chosen = chosen_backbones(steps)
         weights = blend_weights([oofs[c][train] for c in chosen], y[train])
         out[valid] = blend([oofs[c][valid] for c in chosen], weights)
     return kaggle_log_loss(y, out)
@@ -80,7 +94,8 @@ def run_select(features: str | Path, *, backbones: list[str] | None = None, fold
         print(f"{name:<24} alone: CV log loss {alone[name]:.4f}  ({time.perf_counter() - t0:.1f} s)")
     splits = list(M._folds(folds, seed).split(train, y))
     rows = []
-    for step, s in enumerate(greedy_selection(oofs, y, splits), 1):
+    steps = greedy_selection(oofs, y, splits)
+    for step, s in enumerate(steps, 1):
         seconds = fs.entries[s["backbone"]].get("extract_seconds")
         rows.append({"step": step, "backbone": s["backbone"], "alone_log_loss": alone[s["backbone"]],
                      "selection_log_loss": s["selection_log_loss"], "weights": s["weights"],
@@ -90,11 +105,11 @@ def run_select(features: str | Path, *, backbones: list[str] | None = None, fold
     print(f"\ngreedy forward selection ({len(train)} training rows, {folds}-fold CV, blend weights fitted inside "
           "each fold; selection_log_loss is the best candidate's at each step, so optimistic):")
     print(table.to_string(index=False, na_rep="", float_format=lambda v: f"{v:.4f}"))
-    keep = chosen_prefix(rows)
+    keep = chosen_prefix(steps)
     print(f"nested CV of the selection (path, prefix and weights chosen inside each of {folds} outer folds)...")
     nested = nested_estimate(oofs, y, splits, folds, seed)
     best = table.selection_log_loss.iloc[keep - 1]
-    summary = {"chosen": list(table.backbone[:keep]), "selection_log_loss": float(best),
+    summary = {"chosen": chosen_backbones(steps), "selection_log_loss": float(best),
                "nested_log_loss": nested, "optimism": nested - float(best)}
     print(f"chosen: {', '.join(summary['chosen'])}: selection score {best:.4f} (optimistic), nested estimate "
           f"{nested:.4f} (honest: {nested - best:+.4f})")

@@ -40,6 +40,7 @@ def pytest_configure(config):
 # files not named here follow in name order. Only the order changes: every test still runs.
 LONGEST_FILES_FIRST = ["test_ray.py", "test_submit.py", "test_backbones.py", "test_serve.py", "test_extract.py",
                        "test_audit.py", "test_stack.py", "test_package.py", "test_browser.py", "test_models.py",
+                       "test_estimator_checks.py",
                        "test_hub.py", "test_stack_trust.py", "test_store_trust.py", "test_predict.py",
                        "test_demo_and_notebook.py", "test_gpu_script.py", "test_suite_hygiene.py"]
 
