@@ -405,10 +405,12 @@ def closed_by_server(s) -> bool:
         return True
 
 
-def test_stalled_connections_are_closed_after_the_timeout(predictor, photos):
-    config = ServeConfig(stall_timeout_s=1.0)
+@pytest.fixture(scope="module")
+def live(predictor):
+    """A real uvicorn server of the app on a free loopback port (1 s stall timeout, 2.5 s request timeout); yields
+    its port."""
+    config = ServeConfig(stall_timeout_s=1.0, request_timeout_s=2.5, listen_host="127.0.0.1")
     sock = bind("127.0.0.1", 0)
-    port = sock.getsockname()[1]
     server = make_server(create_app(config, predictor), config, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -416,23 +418,82 @@ def test_stalled_connections_are_closed_after_the_timeout(predictor, photos):
         deadline = time.time() + 60
         while not server.started and time.time() < deadline:
             time.sleep(0.05)
-        silent = raw_connection(port)
-        half_headers = raw_connection(port)
-        half_headers.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Ty")
-        half_body = raw_connection(port)
-        half_body.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                          b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; "
-                          b"filename=\"a.jpg\"\r\n\r\nxxxx")
-        started = time.time()
-        for s in (silent, half_headers, half_body):
-            assert closed_by_server(s)
-        assert time.time() - started < 8
-        import httpx  # a client that sends its request is answered as ever
-        r = httpx.post(f"http://127.0.0.1:{port}/api/predict", files=files(photos[0]), timeout=60)
-        assert r.status_code == 200
+        yield sock.getsockname()[1]
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_stalled_connections_are_closed_after_the_timeout(live, photos):
+    port = live
+    silent = raw_connection(port)
+    half_headers = raw_connection(port)
+    half_headers.sendall(b"POST /api/predict HTTP/1.1\r\nHost: localhost\r\nContent-Ty")
+    half_body = raw_connection(port)
+    half_body.sendall(b"POST /api/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; "
+                      b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; "
+                      b"name=\"file\"; filename=\"a.jpg\"\r\n\r\nxxxx")
+    started = time.time()
+    for s in (silent, half_headers, half_body):
+        assert closed_by_server(s)
+    assert time.time() - started < 8
+    import httpx  # a client that sends its request is answered as ever
+    r = httpx.post(f"http://127.0.0.1:{port}/api/predict", files=files(photos[0]), timeout=60)
+    assert r.status_code == 200
+
+
+def drip_until_closed(s, data: bytes, every: float, give_up: float) -> float | None:
+    """Send ``data`` one byte every ``every`` seconds until the server closes the connection (returns the seconds it
+    took) or ``give_up`` seconds pass (None)."""
+    s.settimeout(every)
+    started = time.time()
+    for k in range(len(data)):
+        if time.time() - started > give_up:
+            return None
+        try:
+            s.sendall(data[k:k + 1])
+            if not s.recv(65536):
+                return time.time() - started
+        except TimeoutError:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return time.time() - started
+    return None
+
+
+@pytest.mark.parametrize("part", ["headers", "body"])
+def test_a_client_dripping_its_request_is_closed_after_the_request_timeout(live, part):
+    """A byte every 0.3 s never trips the 1 s stall timeout; the 2.5 s request timeout closes the connection."""
+    head = b"POST /api/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    s = raw_connection(live)
+    if part == "body":
+        s.sendall(head + b"Content-Length: 100000\r\n\r\n")
+        data = b"x" * 1000
+    else:
+        data = head + b"X-Padding: " + b"x" * 1000
+    took = drip_until_closed(s, data, every=0.3, give_up=7.0)
+    assert took is not None and 2.0 < took < 5.0, took
+    s.close()
+
+
+def raw_status(port: int, request: bytes) -> tuple[int, str]:
+    with raw_connection(port) as s:
+        s.sendall(request)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head.decode("latin-1") + "\n\n" + body.decode("utf-8", "replace")
+
+
+def test_a_real_server_refuses_a_host_header_that_does_not_name_it(live):
+    """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 sends Host: evil.example."""
+    for host in (b"evil.example", b"evil.example:%d" % live):
+        status, text = raw_status(live, b"GET /api/run HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        assert status == 400 and "--allowed-hosts evil.example" in text and '"run"' not in text, text
+    for host in (b"127.0.0.1:%d" % live, b"localhost:%d" % live, b"localhost", b"[::1]:%d" % live):
+        status, text = raw_status(live, b"GET /api/run HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        assert status == 200 and '"run"' in text, (host, text)
 
 
 TOKEN_ERRORS = [  # (argv after --run, FEATSTACK_TOKEN or None, one-line message pattern)
@@ -499,3 +560,66 @@ def test_page_title_says_class_unless_the_dataset_is_of_breeds(client, predictor
         monkeypatch.setitem(predictor.config, "dataset_meta", {**predictor.config["dataset_meta"], "layout": layout})
         monkeypatch.setitem(predictor.config, "dataset", name)
         assert noun_of(predictor) == noun, (layout, name)
+
+
+def test_host_header_must_name_the_server_and_allowed_hosts_extends_it(client, predictor):
+    """TestClient's requests come to the server "testserver" (the address they arrived at), so that name passes."""
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil.example",
+                 "localhost@evil.example", ""):
+        r = client.get("/", headers={"Host": host})
+        assert r.status_code == 400 and "DNS rebinding" in r.json()["detail"], (host, r.text)
+        assert "<html" not in r.text.lower()
+    assert client.get("/api/run", headers={"Host": "evil.example"}).status_code == 400
+    assert "--allowed-hosts evil.example" in client.get("/api/run", headers={"Host": "evil.example:1"}).json()["detail"]
+    for host in ("testserver", "localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "[::1]", "LocalHost"):
+        assert client.get("/api/run", headers={"Host": host}).status_code == 200, host
+
+
+def gated(config: ServeConfig) -> TestClient:
+    """The app's Host check (its Gate) in front of a page that says ok: the check alone, without a model."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from featstack.serve import Gate
+    return TestClient(Gate(Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))]), config))
+
+
+@pytest.mark.parametrize("config, cases", [
+    (ServeConfig(allowed_hosts=("photos.lan", "*.example.org"), listen_host="192.0.2.7"),
+     [("photos.lan:8000", 200), ("a.example.org", 200), ("b.a.example.org", 200), ("example.org", 400),
+      ("192.0.2.7:8000", 200), ("localhost", 200), ("evil.example", 400), ("photos.lan.evil.example", 400)]),
+    (ServeConfig(allowed_hosts=("*",)), [("evil.example", 200), ("localhost", 200)]),
+    (ServeConfig(allowed_hosts=("::1",), listen_host="::1"), [("[::1]:80", 200), ("evil.example", 400)]),
+    (ServeConfig(listen_host="0.0.0.0"), [(f"{socket.gethostname()}:8000", 200), ("evil.example", 400),
+                                          ("0.0.0.0:8000", 200)]),
+    (ServeConfig(listen_host="photos.lan"), [("photos.lan:8000", 200), (f"{socket.gethostname()}.evil", 400)]),
+], ids=["names and a domain", "any", "ipv6", "every interface", "a name"])
+def test_allowed_hosts_extends_the_names_the_host_header_may_give(config, cases):
+    c = gated(config)
+    for host, status in cases:
+        assert c.get("/", headers={"Host": host}).status_code == status, host
+
+
+def test_no_permissive_cors_on_the_page_or_the_api(client, photos):
+    origin = {"Origin": "http://evil.example"}
+    responses = [client.get("/", headers=origin), client.get("/api/run", headers=origin),
+                 client.post("/api/predict", files=files(photos[0]), headers=origin),
+                 client.options("/api/predict", headers={**origin, "Access-Control-Request-Method": "POST"})]
+    for r in responses:
+        assert not any(k.lower().startswith("access-control-") for k in r.headers), r.headers
+    assert responses[2].status_code == 200 and responses[3].status_code >= 400  # no preflight is granted
+
+
+def test_command_passes_allowed_hosts_and_timeouts_and_refuses_bad_patterns(monkeypatch, capsys):
+    from featstack.commands.serve import main
+    seen = []
+    monkeypatch.setattr(featstack.serve, "serve", lambda config, host, port: seen.append((config, host)))
+    main(["--allowed-hosts", "photos.lan, *.Example.org,[::1]", "--request-timeout", "60"])
+    config, host = seen[0]
+    assert config.allowed_hosts == ("photos.lan", "*.example.org", "::1") and config.request_timeout_s == 60
+    assert ServeConfig().request_timeout_s == 120 and ServeConfig().allowed_hosts == ()
+    for bad in ("http://photos.lan", "photos.lan:8000", "a*.example.org", ","):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--allowed-hosts", bad])
+        assert exit_info.value.code == 2 and "--allowed-hosts" in capsys.readouterr().err
