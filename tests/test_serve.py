@@ -4,6 +4,7 @@ import base64
 import contextlib
 import io
 import json
+import logging
 import re
 import socket
 import struct
@@ -420,8 +421,14 @@ def live(predictor):
             time.sleep(0.05)
         yield sock.getsockname()[1]
     finally:
+        # Later tests' uvicorn configs (main()) bound uvicorn's log handlers to their captured, now closed, stderr.
+        quiet = {name: logging.getLogger(name).level for name in ("uvicorn", "uvicorn.error", "uvicorn.access")}
+        for name in quiet:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         server.should_exit = True
         thread.join(timeout=30)
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def test_stalled_connections_are_closed_after_the_timeout(live, photos):
@@ -623,3 +630,12 @@ def test_command_passes_allowed_hosts_and_timeouts_and_refuses_bad_patterns(monk
         with pytest.raises(SystemExit) as exit_info:
             main(["--allowed-hosts", bad])
         assert exit_info.value.code == 2 and "--allowed-hosts" in capsys.readouterr().err
+
+
+def test_a_photo_with_none_other_on_its_way_does_not_wait_for_a_batch(client, photos, monkeypatch):
+    """--max-wait-ms is for photos still being decoded; with none, the forward thread would only idle."""
+    monkeypatch.setattr(client.app.state.batcher, "max_wait_s", 5.0)
+    for _ in range(2):
+        r = client.post("/api/predict", files=files(photos[0]))
+        timing = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
+        assert r.status_code == 200 and float(timing["queue"]) < 1000, timing
