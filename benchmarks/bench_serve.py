@@ -6,9 +6,11 @@ A small run is trained first (random weights, the chosen backbones) on real phot
 else on the embedded demo. `--light` uses a light model instead: a MobileNetV2 (random weights) saved here as a Keras
 model file and given as `--backbones PATH:LAYER`, as a user's own model would be, at each of `--sizes` (one model
 file and one run per size; default 96,160,224). predict.py is timed as its Predictor.predict loop (models loaded and
-warm; batch 32) before and after the server runs, so drift of a shared machine shows; the server is the real
-`serve.py` process, warmed by 8 requests, each client a thread sending one photo per request. The last line per size
-is its ratio: the server at the most clients against the faster of predict.py's two loops.
+warm; batch 32) before the servers and after each of `--rounds` rounds of them, so drift of a shared machine
+shows; with `--baseline DIR`, another checkout's serve.py is timed in turn in each round (an interleaved A/B). The
+server is the real `serve.py` process, warmed by 8 requests, each client a thread sending one photo per request.
+The last line per size is its ratio: the server at the most clients (median of the rounds) against the fastest of
+predict.py's loops (the stricter comparison) and against their median.
 
     python benchmarks/bench_serve.py --light --clients 16      # the ratio at 96, 160 and 224 px
 """
@@ -16,6 +18,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,50 +131,56 @@ def measure(a, work: Path, backbones: list[str], label: str, image_size: int | N
     run, photos, source = make_run(work, backbones, image_size, a.per_class)
     photos = (photos * (a.n // len(photos) + 1))[:a.n]
     predictor = Predictor(run)
-    before = time_predict_loop(predictor, photos)
-    print(f"predict.py loop: {before:.2f} photos/s")
+    loops = [time_predict_loop(predictor, photos)]
+    print(f"predict.py loop: {loops[-1]:.2f} photos/s")
     t0 = time.perf_counter()
     proc, url = start_server(run, a.max_batch, work / "serve.log")
     start_s = time.perf_counter() - t0
+    procs, base_url = [proc], None
     try:
+        if a.baseline:  # another checkout's serve.py on the same run, timed in turn with this one
+            base_proc, base_url = start_server(run, a.max_batch, work / "baseline.log", Path(a.baseline))
+            procs.append(base_proc)
         first = []
         for k in range(8):  # warm-up requests; the first is timed against the later ones
             t0 = time.perf_counter()
             httpx.post(url + "api/predict", files={"file": (photos[k].name, photos[k].read_bytes())}, timeout=600)
             first.append(time.perf_counter() - t0)
+            if base_url:
+                httpx.post(base_url + "api/predict", files={"file": (photos[k].name, photos[k].read_bytes())},
+                           timeout=600)
         print(f"first request {first[0]:.3f} s, later ones {sorted(first[1:])[3]:.3f} s (median)")
-        served, profiles = {}, {}
-        for c in map(int, a.clients.split(",")):
-            profiles[c] = []
-            served[c] = time_clients(url, photos, c, profiles[c])
-            print(f"serve.py, {c} client(s): {served[c]:.2f} photos/s")
+        clients = list(map(int, a.clients.split(",")))
+        rounds: dict[int, list[float]] = {c: [] for c in clients}
+        base_rounds, profiles = [], {c: [] for c in clients}
+        for r in range(a.rounds):  # interleaved: this server, the baseline, predict.py, again
+            for c in clients:
+                rounds[c].append(time_clients(url, photos, c, profiles[c]))
+                print(f"round {r + 1}: serve.py, {c} client(s): {rounds[c][-1]:.2f} photos/s")
+            if base_url:
+                base_rounds.append(time_clients(base_url, photos, max(clients)))
+                print(f"round {r + 1}: baseline serve.py ({a.baseline}), {max(clients)} client(s): "
+                      f"{base_rounds[-1]:.2f} photos/s")
+            loops.append(time_predict_loop(predictor, photos))
+            print(f"round {r + 1}: predict.py loop: {loops[-1]:.2f} photos/s")
         health = httpx.get(url + "api/health").json()
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-    baseline = None
-    if a.baseline:  # another checkout's serve.py on the same run, between the same two predict.py loops
-        proc, url = start_server(run, a.max_batch, work / "baseline.log", Path(a.baseline))
-        try:
-            for k in range(8):
-                httpx.post(url + "api/predict", files={"file": (photos[k].name, photos[k].read_bytes())}, timeout=600)
-            baseline = time_clients(url, photos, max(served))
-            print(f"baseline serve.py ({a.baseline}), {max(served)} client(s): {baseline:.2f} photos/s")
-        finally:
+        for proc in procs:
             proc.terminate()
             proc.wait(timeout=60)
-    after = time_predict_loop(predictor, photos)
-    print(f"predict.py loop again: {after:.2f} photos/s")
+    served = {c: statistics.median(v) for c, v in rounds.items()}
+    baseline = statistics.median(base_rounds) if base_rounds else None
     load["end"] = os.getloadavg()
     mean = {c: {k: sum(r[k] for r in rows) / len(rows) for k in (*STAGES, "client")} for c, rows in profiles.items()}
-    reference = max(before, after)  # the stricter comparison on a drifting machine
+    reference = max(loops)  # the stricter comparison on a drifting machine
     most = max(served)
     results = {**header(), "photos": a.n, "source": source, "backbones": label, "image_size": image_size,
                "max_batch": a.max_batch, "load_average": {k: [round(x, 2) for x in v] for k, v in load.items()},
                "server_start_s": round(start_s, 1), "first_request_s": round(first[0], 3),
                "later_request_s_median": round(sorted(first[1:])[3], 3),
                "profile_ms_mean": {str(c): {k: round(v, 2) for k, v in m.items()} for c, m in mean.items()},
-               "predict_loop_photos_per_s": {"before": round(before, 3), "after": round(after, 3)},
+               "predict_loop_photos_per_s": [round(x, 3) for x in loops], "rounds": a.rounds,
+               "ratio_at_most_clients_median": round(served[most] / statistics.median(loops), 3),
                "serve_photos_per_s": {str(c): round(v, 3) for c, v in served.items()},
                "ratio_at_most_clients": round(served[most] / reference, 3),
                **({"baseline": a.baseline, "baseline_photos_per_s": round(baseline, 3),
@@ -179,7 +188,7 @@ def measure(a, work: Path, backbones: list[str], label: str, image_size: int | N
                "server_batches": health["batches"],
                "server_images": health["images"], "largest_batch": health["largest_batch"]}
     size = f"{image_size} px" if image_size else "own input size"
-    rows = [f"| `predict.py` batch loop (batch 32), before / after | {before:.2f} / {after:.2f} | |"]
+    rows = [f"| `predict.py` batch loop (batch 32), each time | {' / '.join(f'{x:.2f}' for x in loops)} | |"]
     rows += [f"| `serve.py`, {c} concurrent client{'s' if c > 1 else ''} | {v:.2f} | {v / reference:.2f} |"
              for c, v in served.items()]
     if baseline:
@@ -195,7 +204,8 @@ def measure(a, work: Path, backbones: list[str], label: str, image_size: int | N
                        f"(median). The server answered {health['images']} photos in {health['batches']} forward "
                        f"passes (largest {health['largest_batch']}; compiled after start: "
                        f"{health['compiled_since_start']}).", "",
-                       "| measure | photos/s | ÷ `predict.py` (the faster of its two) |", "|---|---|---|", *rows, "",
+                       f"| measure | photos/s (median of {a.rounds} rounds) | ÷ `predict.py` (the fastest of its "
+                       "loops) |", "|---|---|---|", *rows, "",
                        "Where a request's time goes (mean ms per request, from the server's `Server-Timing` header; "
                        "queue, forward and classifier are those of the request's batch; client: as the client saw it):",
                        "", f"| clients | {stages} | client |", "|---" * (len(STAGES) + 2) + "|", *profile_rows])
@@ -216,6 +226,8 @@ def main():
     p.add_argument("--baseline", default=None, help="a checkout of another version (git worktree or archive): its "
                                                      "serve.py is timed too, at the most clients, between the same "
                                                      "predict.py loops (an interleaved A/B)")
+    p.add_argument("--rounds", type=int, default=3, help="measurements of each server, interleaved with predict.py's "
+                                                         "loop; the median is reported (default 3)")
     p.add_argument("--out", default="benchmarks/results/serve.json")
     p.add_argument("--write-md", action="store_true", help="replace the marked table in BENCHMARKS.md")
     p.add_argument("--mark", default="bench_serve", help="which marked table of BENCHMARKS.md to replace")
@@ -243,8 +255,9 @@ def main():
     most = max(map(int, a.clients.split(",")))
     for size, ratio in ratios.items():
         base = measured[size][0].get("baseline_ratio")
-        print(f"ratio at {size or 'own'} px: serve.py at {most} clients / predict.py = {ratio:.2f}"
-              + (f" (baseline {base:.2f})" if base else ""))
+        median = measured[size][0]["ratio_at_most_clients_median"]
+        print(f"ratio at {size or 'own'} px: serve.py at {most} clients / predict.py = {ratio:.2f} against its "
+              f"fastest loop, {median:.2f} against its median" + (f" (baseline {base:.2f})" if base else ""))
     if a.write_md:
         md = ROOT / "BENCHMARKS.md"
         text = md.read_text()
