@@ -71,7 +71,7 @@ def make_run(work: Path, backbones: list[str], image_size: int | None, per_class
 
 
 def time_predict_loop(predictor, photos: list[Path]) -> float:
-    predictor.predict([str(p) for p in photos[:4]])  # warm-up: first calls trace the models
+    predictor.predict([str(p) for p in photos], batch_size=32)  # warm-up: each batch shape is traced once
     t0 = time.perf_counter()
     out = predictor.predict([str(p) for p in photos], batch_size=32)
     seconds = time.perf_counter() - t0

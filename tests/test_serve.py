@@ -633,9 +633,16 @@ def test_command_passes_allowed_hosts_and_timeouts_and_refuses_bad_patterns(monk
 
 
 def test_a_photo_with_none_other_on_its_way_does_not_wait_for_a_batch(client, photos, monkeypatch):
-    """--max-wait-ms is for photos still being decoded; with none, the forward thread would only idle."""
+    """A lone client's photo (the last batch had one photo, none is being decoded) goes at once; --max-wait-ms is
+    for the photos of concurrent clients."""
     monkeypatch.setattr(client.app.state.batcher, "max_wait_s", 5.0)
+    monkeypatch.setattr(client.app.state.batcher, "last_batch", 1)
     for _ in range(2):
         r = client.post("/api/predict", files=files(photos[0]))
         timing = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
         assert r.status_code == 200 and float(timing["queue"]) < 1000, timing
+    monkeypatch.setattr(client.app.state.batcher, "max_wait_s", 0.3)
+    monkeypatch.setattr(client.app.state.batcher, "last_batch", 4)  # four came together last time: wait for them
+    timing = dict(part.split(";dur=") for part in
+                  client.post("/api/predict", files=files(photos[0])).headers["server-timing"].split(", "))
+    assert float(timing["queue"]) >= 250, timing
