@@ -60,7 +60,8 @@ def main(argv=None, prog=None):
     p.add_argument("--max-batch", type=_positive(int), default=32,
                    help="most photos answered in one forward pass (default 32)")
     p.add_argument("--max-wait-ms", type=float, default=20.0,
-                   help="how long the first photo of a batch waits for others to join it (default 20)")
+                   help="how long the first photo of a batch may wait for others to join it: while others are "
+                        "being decoded, or fewer have come than the last batch had (default 20)")
     p.add_argument("--max-upload-mb", type=_positive(float), default=20.0,
                    help="largest request body, all its photos together (default 20)")
     p.add_argument("--max-megapixels", type=_positive(float), default=50.0,
