@@ -673,8 +673,10 @@ def check_access(config: ServeConfig, host: str) -> None:
 def bind(host: str, port: int) -> socket.socket:
     """The listening address, taken before the (slow) model load so that a busy port fails at once."""
     try:
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, _, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        # The protocol named (TCP), not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and without it
+        # every answer (headers and body, two writes) waited ~40 ms for the client's delayed ACK (Nagle).
+        sock = socket.socket(family, socket.SOCK_STREAM, proto or socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(2048)  # from now on a client that connects waits until the app answers, instead of being refused

@@ -482,6 +482,22 @@ def test_a_client_dripping_its_request_is_closed_after_the_request_timeout(live)
     assert all(t is not None and 1.2 < t < 4.0 for t in took), took
 
 
+def test_answers_are_not_held_by_nagle_and_delayed_acks(live):
+    """The listening socket says TCP, so asyncio sets TCP_NODELAY on each connection; before, every answer of a
+    kept-alive connection waited ~40 ms for the client's delayed ACK (headers and body are two writes)."""
+    assert bind("127.0.0.1", 0).proto == socket.IPPROTO_TCP
+    seconds = []
+    with raw_connection(live) as s:
+        for _ in range(9):
+            t0 = time.perf_counter()
+            s.sendall(b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            reply = b""
+            while not reply.endswith(b"}"):
+                reply += s.recv(65536)
+            seconds.append(time.perf_counter() - t0)
+    assert sorted(seconds)[4] < 0.03, seconds  # the median; 0.04 s or more with Nagle's stall
+
+
 def raw_status(port: int, request: bytes) -> tuple[int, str]:
     with raw_connection(port) as s:
         s.sendall(request)
