@@ -9,6 +9,7 @@ import io
 import ipaddress
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import FastAPI, File, Query, Request, UploadFile
@@ -65,6 +67,9 @@ class ServeConfig:
     token: str | None = None
     open_api: bool = False  # --no-token on an address beyond this machine: the page and the log say so
     stall_timeout_s: float = 30.0
+    request_timeout_s: float = 120.0  # from a request's first byte to its last, however steadily the bytes come
+    listen_host: str | None = None  # the --host it listens on (set by serve()): a name the Host header may give
+    allowed_hosts: tuple[str, ...] = ()  # more Host names (--allowed-hosts): "name", "*.domain" or "*" (any)
     decode_workers: int | None = None  # photos decoded at once, server-wide (default: the cores)
     verbose: bool = False
     examples_per_class: int = 3
@@ -83,14 +88,20 @@ class ServeConfig:
 
 
 class MicroBatcher:
-    """Photos from concurrent requests wait in one queue; up to max_batch of them, or whatever came within
-    max_wait_ms of the first, go through the Predictor in one forward pass on one thread (Keras models are not
-    called from two threads at once). The Predictor pads each batch to a shape compiled at start."""
+    """Photos from concurrent requests wait in one queue; up to max_batch of them go through the Predictor in one
+    forward pass on one thread (Keras models are not called from two threads at once). The first photo waits up to
+    max_wait_ms for others while others are being decoded (``incoming``) or fewer have come than the last batch
+    had (concurrent clients, whose next photos are on their way: fewer, larger batches cost less per photo); once
+    as many are in as last time and none is being decoded, the batch goes at once. So a lone client no longer pays
+    max_wait_ms per photo, and concurrent clients no longer leave the forward thread idle for it on every batch:
+    the waits that show most on a light model. The Predictor pads each batch to a shape compiled at start."""
 
     def __init__(self, predictor: Predictor, max_batch: int, max_wait_ms: float, verbose: bool = False):
         self.predictor, self.max_batch, self.max_wait_s = predictor, max_batch, max_wait_ms / 1000
         self.verbose = verbose
         self.batches = self.images = self.largest = 0
+        self.incoming = 0  # photos being decoded, each of which will join the queue (or fail to decode)
+        self.last_batch = 0  # photos in the last forward pass
         self.traces_at_start: int | None = None
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
@@ -140,7 +151,7 @@ class MicroBatcher:
             except asyncio.QueueEmpty:
                 pass
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or (not self.incoming and len(items) >= self.last_batch):
                 break
             try:
                 async with asyncio.timeout(remaining):
@@ -173,6 +184,7 @@ class MicroBatcher:
                         f.set_exception(exc)
                 continue
             self.batches += 1
+            self.last_batch = len(items)
             self.images += len(items)
             self.largest = max(self.largest, len(items))
             for k, (_, f, queued) in enumerate(items):
@@ -226,17 +238,67 @@ def _error(status: int, detail: str, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+HOST_HEADER = re.compile(r"[A-Za-z0-9._-]+(:\d{1,5})?|\[[0-9A-Fa-f:.]+\](:\d{1,5})?")  # a name or [IPv6], a port
+
+
+def host_names(config: ServeConfig) -> set[str]:
+    """The names a request's Host header may give besides the address its connection came in on: localhost, the
+    --host it listens on and, on every interface (0.0.0.0, ::), this machine's own name."""
+    names = set(LOOPBACK_NAMES)
+    if config.listen_host:
+        names.add(config.listen_host.strip("[]").lower())
+        if config.listen_host in ("0.0.0.0", "::", ""):
+            names.add(socket.gethostname().lower())
+    return names
+
+
+def host_name(host: str | None) -> str | None:
+    """The name of a Host header ("Name:8000" -> "name", "[::1]:8000" -> "::1"); None when it is not one."""
+    if not host or len(host) > 300 or not HOST_HEADER.fullmatch(host):
+        return None
+    return urlsplit("//" + host).hostname or None
+
+
+def host_allowed(host: str | None, server, names: set[str], patterns: tuple[str, ...]) -> bool:
+    """Whether a Host header names this server: one of ``names``, the address the connection came in on (the ASGI
+    scope's server), or a --allowed-hosts pattern ("name", "*.domain", "*"). A web page that reaches this server
+    through a domain of its own (DNS rebinding) sends that domain and is refused. A request without the header
+    (HTTP/1.0; h11 refuses an HTTP/1.1 one) passes: a browser always sends it."""
+    if "*" in patterns or host is None:
+        return True
+    name = host_name(host)
+    if name is None:
+        return False
+    if name in names or (server and name == str(server[0]).lower()):
+        return True
+    return any(name == p or (p.startswith("*.") and name.endswith(p[1:])) for p in patterns)
+
+
 class Gate:
-    """Checks that need no body, before any of it is read: the token, the content type and the announced size."""
+    """Checks that need no body, before any of it is read: the Host header, the token, the content type and the
+    announced size."""
 
     def __init__(self, app, config: ServeConfig):
         self.app, self.config = app, config
+        self.names, self.patterns = host_names(config), tuple(p.lower() for p in config.allowed_hosts)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/api/"):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        host = headers.get("host")
+        if not host_allowed(host, scope.get("server"), self.names, self.patterns):
+            name = host_name(host)
+            fix = f"start the server with --allowed-hosts {name}" if name else "send a valid Host header"
+            response = _error(400, f"Host {(host or '')[:100]!r} does not name this server (a web page can reach a "
+                              "local server through a domain of its own: DNS rebinding): open it by the address it "
+                              f"printed or localhost, or, if that name is meant to reach it (a proxy, a DNS name), "
+                              f"{fix}")
+            return await response(scope, receive, send)
+        if not scope["path"].startswith("/api/"):
             return await self.app(scope, receive, send)
         scope.setdefault("state", {})["arrived"] = time.perf_counter()  # the request's profile starts here
-        headers = Headers(scope=scope)
         if self.config.token and scope["path"] != "/api/health":
             scheme, _, given = headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
@@ -389,10 +451,13 @@ def create_app(config: ServeConfig, predictor: Predictor | None = None) -> FastA
 
     async def answer(name: str, data: bytes, preview: bool, timing: dict) -> dict:
         loop = asyncio.get_running_loop()
+        batcher.incoming += 1
         try:
             resized, url = await loop.run_in_executor(decode_pool, prepare, data, preview, timing)
         except BadImage as exc:
             return {"filename": name, "error": f"cannot read this photo ({exc})"}
+        finally:
+            batcher.incoming -= 1  # no await between this and the photo's joining the queue in predict()
         proba = await batcher.predict(resized, timing)
         order = np.argsort(-proba, kind="stable")
         out = {"filename": name, "predictions": [{"class": classes[i], "probability": float(proba[i])} for i in order]}
@@ -524,19 +589,28 @@ def swagger_ui_dir() -> Path | None:
 
 class StallGuard:
     """Mixed into uvicorn's h11 protocol: a connection that owes the server bytes (a request's headers or body) and
-    sends none for ``stall_timeout`` seconds is closed. Uvicorn itself waits for ever on a half-sent request (its
-    keep-alive timeout only starts after a response), so a few hundred stalled clients would hold the server."""
+    sends none for ``stall_timeout`` seconds is closed, and so is one whose request is not all in ``request_timeout``
+    seconds after its first byte, however steadily it drips. Uvicorn itself waits for ever on a half-sent request (its
+    keep-alive timeout only starts after a response), so a few hundred stalled or dripping clients would hold the
+    server."""
 
     stall_timeout = 30.0
+    request_timeout = 120.0
 
     def connection_made(self, transport):
         super().connection_made(transport)
         self._last_data = self.loop.time()
+        self._request_began: float | None = None  # the first byte of the request being received
         self._stall_timer = self.loop.call_later(self.stall_timeout, self._check_stall)
 
     def data_received(self, data: bytes) -> None:
+        import h11
         self._last_data = self.loop.time()
+        if self._request_began is None:
+            self._request_began = self._last_data
         super().data_received(data)
+        if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):  # the request is all in: the next one's clock
+            self._request_began = None                              # starts at its own first byte
 
     def connection_lost(self, exc):
         self._stall_timer.cancel()
@@ -547,22 +621,30 @@ class StallGuard:
         if self.transport.is_closing():
             return
         owing = self.conn.their_state in (h11.IDLE, h11.SEND_BODY)  # DONE: the request is in; the app works on it
-        idle = self.loop.time() - self._last_data
+        now = self.loop.time()
+        idle = now - self._last_data
+        took = now - self._request_began if owing and self._request_began is not None else 0.0
+        client = ":".join(map(str, self.client or ("?",)))
         if owing and idle >= self.stall_timeout:
-            self.logger.info("closing a connection from %s: no bytes for %.0f s in the middle of a request",
-                             ":".join(map(str, self.client or ("?",))), idle)
-            self.transport.close()  # the app, if it was reading the body, sees the client disconnect
+            self.logger.info("closing a connection from %s: no bytes for %.0f s in the middle of a request "
+                             "(--stall-timeout)", client, idle)
+        elif owing and took >= self.request_timeout:
+            self.logger.info("closing a connection from %s: its request was not all in after %.0f s "
+                             "(--request-timeout)", client, took)
+        else:
+            wait = min(self.stall_timeout - idle, self.request_timeout - took) if owing else self.stall_timeout
+            self._stall_timer = self.loop.call_later(max(wait, 0.1), self._check_stall)
             return
-        self._stall_timer = self.loop.call_later(max(self.stall_timeout - idle, 0.1) if owing else self.stall_timeout,
-                                                 self._check_stall)
+        self.transport.close()  # the app, if it was reading the body, sees the client disconnect
 
 
 def make_server(app: FastAPI, config: ServeConfig, log_level: str = "info"):
-    """The uvicorn server of serve(): h11 with the stall timeout, uvicorn's 5 s keep-alive timeout."""
+    """The uvicorn server of serve(): h11 with the stall and request timeouts, uvicorn's 5 s keep-alive timeout."""
     import uvicorn
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    protocol = type("FeatstackH11Protocol", (StallGuard, H11Protocol), {"stall_timeout": config.stall_timeout_s})
+    protocol = type("FeatstackH11Protocol", (StallGuard, H11Protocol),
+                    {"stall_timeout": config.stall_timeout_s, "request_timeout": config.request_timeout_s})
     return uvicorn.Server(uvicorn.Config(app, http=protocol, log_level=log_level, timeout_keep_alive=5))
 
 
@@ -593,8 +675,10 @@ def check_access(config: ServeConfig, host: str) -> None:
 def bind(host: str, port: int) -> socket.socket:
     """The listening address, taken before the (slow) model load so that a busy port fails at once."""
     try:
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        family, _, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        # The protocol named (TCP), not 0: asyncio sets TCP_NODELAY only on sockets that say TCP, and without it
+        # every answer (headers and body, two writes) waited ~40 ms for the client's delayed ACK (Nagle).
+        sock = socket.socket(family, socket.SOCK_STREAM, proto or socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(2048)  # from now on a client that connects waits until the app answers, instead of being refused
@@ -607,6 +691,7 @@ def bind(host: str, port: int) -> socket.socket:
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Load the run once and compile its forward passes, then answer on host:port until stopped."""
     check_access(config, host)
+    config.listen_host = host
     sock = bind(host, port)
     app = create_app(config)
     bound = sock.getsockname()[1]

@@ -1,7 +1,9 @@
 """The photo app in a real browser: headless Chromium, the page of a real `serve.py` on a free port, one upload.
 
 Skips where no Chromium (or Playwright) is installed, unless FEATSTACK_REQUIRE_BROWSER=1 (CI), where that fails.
-FEATSTACK_SCREENSHOT=docs/serve.png also saves the page's screenshot there (the README's picture).
+The README's picture, docs/serve.png, is the page as this test sees it: the test rewrites it whenever the page looks
+different from it (see refresh_screenshot), so it cannot go stale; FEATSTACK_SCREENSHOT=PATH writes the screenshot
+to PATH instead, and FEATSTACK_SCREENSHOT=off leaves every file alone.
 """
 import contextlib
 import io
@@ -63,6 +65,45 @@ def server(chromium, demo, tmp_path_factory):
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+SCREENSHOT = ROOT / "docs" / "serve.png"
+
+
+def looks_different(new: Path, old: Path, ignore: dict | None = None) -> bool:
+    """Whether two screenshots differ to the eye outside ``ignore`` (a Playwright bounding box: the run's id, which
+    holds the time the run was made): another size, or more than 70 pixels (0.01 %) changed by more than 32 of 255.
+    A changed word, number or style changes hundreds."""
+    import numpy as np
+    from PIL import Image
+
+    if not old.is_file():
+        return True
+    with Image.open(new) as a, Image.open(old) as b:
+        if a.size != b.size:
+            return True
+        changed = np.abs(np.asarray(a.convert("RGB"), np.int16) - np.asarray(b.convert("RGB"), np.int16)).max(-1) > 32
+    if ignore:
+        x0, y0 = max(int(ignore["x"]) - 2, 0), max(int(ignore["y"]) - 2, 0)
+        changed[y0:int(ignore["y"] + ignore["height"]) + 3, x0:int(ignore["x"] + ignore["width"]) + 3] = False
+    return int(changed.sum()) > 70
+
+
+def refresh_screenshot(shot: Path, ignore: dict | None = None) -> Path | None:
+    """Put the test's screenshot where it belongs; the path written, or None. By default docs/serve.png, only when it
+    looks different (outside ``ignore``), so a rerun on an unchanged page leaves the checkout clean and a changed page
+    updates the README's picture (commit it; CI's checkout is thrown away, and nothing there checks it)."""
+    wanted = os.environ.get("FEATSTACK_SCREENSHOT", "")
+    if wanted.lower() in ("off", "0", "no"):
+        return None
+    target = Path(wanted) if wanted else SCREENSHOT
+    if wanted or looks_different(shot, target, ignore):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copy(shot, tmp)
+        os.replace(tmp, target)  # a reader never sees half a picture
+        return target
+    return None
 
 
 @contextlib.contextmanager
@@ -158,9 +199,13 @@ def test_page_shows_predict_py_top_class_and_probability(chromium, demo, server,
                  for r in rows]
         header, banner = page.inner_text("header"), page.is_visible('[data-testid="random-weights-banner"]')
         title = page.title()
+        run_id_box = page.locator("#run strong").first.bounding_box()
         page.screenshot(path=str(tmp_path / "serve.png"))
-    if os.environ.get("FEATSTACK_SCREENSHOT"):
-        shutil.copy(tmp_path / "serve.png", Path(os.environ["FEATSTACK_SCREENSHOT"]))
+    written = refresh_screenshot(tmp_path / "serve.png", run_id_box)
+    if written:
+        print(f"note: the page looks different from the README's picture: wrote {written}")
+    if not os.environ.get("FEATSTACK_SCREENSHOT"):
+        assert not looks_different(tmp_path / "serve.png", SCREENSHOT, run_id_box)  # the README shows the page
 
     assert len(shown) == 5
     name, probability, text = shown[0]
@@ -172,3 +217,41 @@ def test_page_shows_predict_py_top_class_and_probability(chromium, demo, server,
     assert banner  # the demo fixture's features come from random weights
     assert "Which class is this?" in header and title == "featstack: which class is this?"  # digits, not breeds
     assert blocked == []  # nothing was asked of another host
+
+
+def test_the_readme_picture_is_rewritten_only_when_the_page_looks_different(tmp_path, monkeypatch):
+    import numpy as np
+    from PIL import Image
+
+    readme_picture = tmp_path / "docs" / "serve.png"
+    monkeypatch.setattr(sys.modules[__name__], "SCREENSHOT", readme_picture)
+    monkeypatch.delenv("FEATSTACK_SCREENSHOT", raising=False)
+    page = np.full((700, 1000, 3), 245, np.uint8)
+    page[20:40, 28:300] = 20  # a heading
+    shots = {}
+    run_id = {"x": 60, "y": 50, "width": 240, "height": 10}
+    for name, change in (("same", None), ("new_run_id", (slice(50, 60), slice(60, 300))),
+                         ("one_word", (slice(20, 40), slice(310, 360))), ("speck", (slice(600, 605), slice(5, 10)))):
+        shot = page.copy()
+        if change:
+            shot[change] = 90
+        shots[name] = tmp_path / f"{name}.png"
+        Image.fromarray(shot).save(shots[name])
+
+    assert refresh_screenshot(shots["same"], run_id) == readme_picture  # none yet: written
+    stamp = readme_picture.stat().st_mtime_ns
+    for same in ("same", "new_run_id", "speck"):  # the run's id is its time; a few pixels are a font's hinting
+        assert refresh_screenshot(shots[same], run_id) is None
+    assert readme_picture.stat().st_mtime_ns == stamp  # a page that looks the same leaves the checkout clean
+    assert refresh_screenshot(shots["new_run_id"]) == readme_picture  # not told where the id is: a change
+    assert refresh_screenshot(shots["one_word"], run_id) == readme_picture  # a word of the heading
+    assert readme_picture.read_bytes() == shots["one_word"].read_bytes()
+    assert not list(readme_picture.parent.glob("*.tmp"))
+
+    monkeypatch.setenv("FEATSTACK_SCREENSHOT", "off")
+    assert refresh_screenshot(shots["same"]) is None
+    assert readme_picture.read_bytes() == shots["one_word"].read_bytes()
+    elsewhere = tmp_path / "out" / "page.png"
+    monkeypatch.setenv("FEATSTACK_SCREENSHOT", str(elsewhere))
+    assert refresh_screenshot(shots["same"]) == elsewhere and elsewhere.read_bytes() == shots["same"].read_bytes()
+    assert readme_picture.read_bytes() == shots["one_word"].read_bytes()

@@ -4,6 +4,7 @@ import base64
 import contextlib
 import io
 import json
+import logging
 import re
 import socket
 import struct
@@ -405,10 +406,12 @@ def closed_by_server(s) -> bool:
         return True
 
 
-def test_stalled_connections_are_closed_after_the_timeout(predictor, photos):
-    config = ServeConfig(stall_timeout_s=1.0)
+@pytest.fixture(scope="module")
+def live(predictor):
+    """A real uvicorn server of the app on a free loopback port (1 s stall timeout, 1.5 s request timeout); yields
+    its port."""
+    config = ServeConfig(stall_timeout_s=1.0, request_timeout_s=1.5, listen_host="127.0.0.1")
     sock = bind("127.0.0.1", 0)
-    port = sock.getsockname()[1]
     server = make_server(create_app(config, predictor), config, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -416,23 +419,103 @@ def test_stalled_connections_are_closed_after_the_timeout(predictor, photos):
         deadline = time.time() + 60
         while not server.started and time.time() < deadline:
             time.sleep(0.05)
-        silent = raw_connection(port)
-        half_headers = raw_connection(port)
-        half_headers.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Ty")
-        half_body = raw_connection(port)
-        half_body.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                          b"Content-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; "
-                          b"filename=\"a.jpg\"\r\n\r\nxxxx")
-        started = time.time()
-        for s in (silent, half_headers, half_body):
-            assert closed_by_server(s)
-        assert time.time() - started < 8
-        import httpx  # a client that sends its request is answered as ever
-        r = httpx.post(f"http://127.0.0.1:{port}/api/predict", files=files(photos[0]), timeout=60)
-        assert r.status_code == 200
+        yield sock.getsockname()[1]
     finally:
+        # Later tests' uvicorn configs (main()) bound uvicorn's log handlers to their captured, now closed, stderr.
+        quiet = {name: logging.getLogger(name).level for name in ("uvicorn", "uvicorn.error", "uvicorn.access")}
+        for name in quiet:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
         server.should_exit = True
         thread.join(timeout=30)
+        for name, level in quiet.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def test_stalled_connections_are_closed_after_the_timeout(live, photos):
+    port = live
+    silent = raw_connection(port)
+    half_headers = raw_connection(port)
+    half_headers.sendall(b"POST /api/predict HTTP/1.1\r\nHost: localhost\r\nContent-Ty")
+    half_body = raw_connection(port)
+    half_body.sendall(b"POST /api/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; "
+                      b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\nContent-Disposition: form-data; "
+                      b"name=\"file\"; filename=\"a.jpg\"\r\n\r\nxxxx")
+    started = time.time()
+    for s in (silent, half_headers, half_body):
+        assert closed_by_server(s)
+    assert time.time() - started < 8
+    import httpx  # a client that sends its request is answered as ever
+    r = httpx.post(f"http://127.0.0.1:{port}/api/predict", files=files(photos[0]), timeout=60)
+    assert r.status_code == 200
+
+
+def drip_until_closed(s, data: bytes, every: float, give_up: float) -> float | None:
+    """Send ``data`` one byte every ``every`` seconds until the server closes the connection (returns the seconds it
+    took) or ``give_up`` seconds pass (None)."""
+    s.settimeout(every)
+    started = time.time()
+    for k in range(len(data)):
+        if time.time() - started > give_up:
+            return None
+        try:
+            s.sendall(data[k:k + 1])
+            if not s.recv(65536):
+                return time.time() - started
+        except TimeoutError:
+            continue
+        except (ConnectionResetError, BrokenPipeError):
+            return time.time() - started
+    return None
+
+
+def test_a_client_dripping_its_request_is_closed_after_the_request_timeout(live):
+    """A byte every 0.3 s never trips the 1 s stall timeout; the 1.5 s request timeout closes the connection, in the
+    headers and in the body (both dripped at once)."""
+    head = b"POST /api/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    in_headers, in_body = raw_connection(live), raw_connection(live)
+    in_body.sendall(head + b"Content-Length: 100000\r\n\r\n")
+    drips = [(in_headers, head + b"X-Padding: " + b"x" * 1000), (in_body, b"x" * 1000)]
+    with ThreadPoolExecutor(2) as pool:
+        took = list(pool.map(lambda d: drip_until_closed(d[0], d[1], every=0.3, give_up=6.0), drips))
+    for s in (in_headers, in_body):
+        s.close()
+    assert all(t is not None and 1.2 < t < 4.0 for t in took), took
+
+
+def test_answers_are_not_held_by_nagle_and_delayed_acks(live):
+    """The listening socket says TCP, so asyncio sets TCP_NODELAY on each connection; before, every answer of a
+    kept-alive connection waited ~40 ms for the client's delayed ACK (headers and body are two writes)."""
+    assert bind("127.0.0.1", 0).proto == socket.IPPROTO_TCP
+    seconds = []
+    with raw_connection(live) as s:
+        for _ in range(9):
+            t0 = time.perf_counter()
+            s.sendall(b"GET /api/health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            reply = b""
+            while not reply.endswith(b"}"):
+                reply += s.recv(65536)
+            seconds.append(time.perf_counter() - t0)
+    assert sorted(seconds)[4] < 0.03, seconds  # the median; 0.04 s or more with Nagle's stall
+
+
+def raw_status(port: int, request: bytes) -> tuple[int, str]:
+    with raw_connection(port) as s:
+        s.sendall(request)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head.decode("latin-1") + "\n\n" + body.decode("utf-8", "replace")
+
+
+def test_a_real_server_refuses_a_host_header_that_does_not_name_it(live):
+    """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 sends Host: evil.example."""
+    for host in (b"evil.example", b"evil.example:%d" % live):
+        status, text = raw_status(live, b"GET /api/run HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        assert status == 400 and "--allowed-hosts evil.example" in text and '"run"' not in text, text
+    for host in (b"127.0.0.1:%d" % live, b"localhost:%d" % live, b"localhost", b"[::1]:%d" % live):
+        status, text = raw_status(live, b"GET /api/run HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n")
+        assert status == 200 and '"run"' in text, (host, text)
 
 
 TOKEN_ERRORS = [  # (argv after --run, FEATSTACK_TOKEN or None, one-line message pattern)
@@ -528,3 +611,82 @@ def test_start_says_each_step_before_it_starts_and_while_the_compile_runs(monkey
     still = [l for l in lines[lines.index(compiling):]
              if l.startswith("featstack: still compiling the forward pass for batches of 1 photos (")]
     assert len(still) >= 2, lines
+
+
+def test_host_header_must_name_the_server_and_allowed_hosts_extends_it(client, predictor):
+    """TestClient's requests come to the server "testserver" (the address they arrived at), so that name passes."""
+    for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", "localhost.evil.example",
+                 "localhost@evil.example", ""):
+        r = client.get("/", headers={"Host": host})
+        assert r.status_code == 400 and "DNS rebinding" in r.json()["detail"], (host, r.text)
+        assert "<html" not in r.text.lower()
+    assert client.get("/api/run", headers={"Host": "evil.example"}).status_code == 400
+    assert "--allowed-hosts evil.example" in client.get("/api/run", headers={"Host": "evil.example:1"}).json()["detail"]
+    for host in ("testserver", "localhost", "localhost:8000", "127.0.0.1:8000", "[::1]:8000", "[::1]", "LocalHost"):
+        assert client.get("/api/run", headers={"Host": host}).status_code == 200, host
+
+
+def gated(config: ServeConfig) -> TestClient:
+    """The app's Host check (its Gate) in front of a page that says ok: the check alone, without a model."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from featstack.serve import Gate
+    return TestClient(Gate(Starlette(routes=[Route("/", lambda request: PlainTextResponse("ok"))]), config))
+
+
+@pytest.mark.parametrize("config, cases", [
+    (ServeConfig(allowed_hosts=("photos.lan", "*.example.org"), listen_host="192.0.2.7"),
+     [("photos.lan:8000", 200), ("a.example.org", 200), ("b.a.example.org", 200), ("example.org", 400),
+      ("192.0.2.7:8000", 200), ("localhost", 200), ("evil.example", 400), ("photos.lan.evil.example", 400)]),
+    (ServeConfig(allowed_hosts=("*",)), [("evil.example", 200), ("localhost", 200)]),
+    (ServeConfig(allowed_hosts=("::1",), listen_host="::1"), [("[::1]:80", 200), ("evil.example", 400)]),
+    (ServeConfig(listen_host="0.0.0.0"), [(f"{socket.gethostname()}:8000", 200), ("evil.example", 400),
+                                          ("0.0.0.0:8000", 200)]),
+    (ServeConfig(listen_host="photos.lan"), [("photos.lan:8000", 200), (f"{socket.gethostname()}.evil", 400)]),
+], ids=["names and a domain", "any", "ipv6", "every interface", "a name"])
+def test_allowed_hosts_extends_the_names_the_host_header_may_give(config, cases):
+    c = gated(config)
+    for host, status in cases:
+        assert c.get("/", headers={"Host": host}).status_code == status, host
+
+
+def test_no_permissive_cors_on_the_page_or_the_api(client, photos):
+    origin = {"Origin": "http://evil.example"}
+    responses = [client.get("/", headers=origin), client.get("/api/run", headers=origin),
+                 client.post("/api/predict", files=files(photos[0]), headers=origin),
+                 client.options("/api/predict", headers={**origin, "Access-Control-Request-Method": "POST"})]
+    for r in responses:
+        assert not any(k.lower().startswith("access-control-") for k in r.headers), r.headers
+    assert responses[2].status_code == 200 and responses[3].status_code >= 400  # no preflight is granted
+
+
+def test_command_passes_allowed_hosts_and_timeouts_and_refuses_bad_patterns(monkeypatch, capsys):
+    from featstack.commands.serve import main
+    seen = []
+    monkeypatch.setattr(featstack.serve, "serve", lambda config, host, port: seen.append((config, host)))
+    main(["--allowed-hosts", "photos.lan, *.Example.org,[::1]", "--request-timeout", "60"])
+    config, host = seen[0]
+    assert config.allowed_hosts == ("photos.lan", "*.example.org", "::1") and config.request_timeout_s == 60
+    assert ServeConfig().request_timeout_s == 120 and ServeConfig().allowed_hosts == ()
+    for bad in ("http://photos.lan", "photos.lan:8000", "a*.example.org", ","):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--allowed-hosts", bad])
+        assert exit_info.value.code == 2 and "--allowed-hosts" in capsys.readouterr().err
+
+
+def test_a_photo_with_none_other_on_its_way_does_not_wait_for_a_batch(client, photos, monkeypatch):
+    """A lone client's photo (the last batch had one photo, none is being decoded) goes at once; --max-wait-ms is
+    for the photos of concurrent clients."""
+    monkeypatch.setattr(client.app.state.batcher, "max_wait_s", 5.0)
+    monkeypatch.setattr(client.app.state.batcher, "last_batch", 1)
+    for _ in range(2):
+        r = client.post("/api/predict", files=files(photos[0]))
+        timing = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
+        assert r.status_code == 200 and float(timing["queue"]) < 1000, timing
+    monkeypatch.setattr(client.app.state.batcher, "max_wait_s", 0.3)
+    monkeypatch.setattr(client.app.state.batcher, "last_batch", 4)  # four came together last time: wait for them
+    timing = dict(part.split(";dur=") for part in
+                  client.post("/api/predict", files=files(photos[0])).headers["server-timing"].split(", "))
+    assert float(timing["queue"]) >= 250, timing
