@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shlex
+import stat as stat_module
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -612,9 +613,10 @@ def photo_content(paths: DatasetPaths, table, threads: int = 1) -> tuple[dict[st
     def stat(file: str):
         try:
             st = os.stat(file)
-            return st.st_size, st.st_mtime_ns
         except OSError:
             return None
+        # Only a regular file is hashed: opening a named pipe blocks until a writer comes, a device reads for ever
+        return (st.st_size, st.st_mtime_ns) if stat_module.S_ISREG(st.st_mode) else None
 
     def digest(file: str) -> str | None:
         try:
