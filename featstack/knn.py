@@ -149,6 +149,8 @@ class KNNRetrieval(ClassifierMixin, BaseEstimator):
             raise ValueError(f"every training row is labelled {self.new_label!r}: there is no identity to retrieve")
         space = CosineSpace(self.whiten, self.n_components, self.random_state).fit(X[rows])
         identities, codes = np.unique(y[rows], return_inverse=True)
+        by_identity = np.argsort(codes, kind="stable")  # so the per-identity search needs no reordered copy
+        rows, codes = rows[by_identity], codes[by_identity]
         return space, space.transform(X[rows]), identities, codes, rows
 
     def fit(self, X, y):
@@ -259,7 +261,8 @@ class KNNRetrieval(ClassifierMixin, BaseEstimator):
         return labels
 
     def kneighbors(self, X, n_neighbors: int = 5) -> tuple[np.ndarray, np.ndarray]:
-        """The nearest training photos (not identities): (training row indices as given to ``fit``, similarities)."""
+        """The nearest training photos (not identities): (training row indices as given to ``fit``, similarities),
+        equal similarities in the order of (identity, training row)."""
         index, sims = top_k(self._queries(X), self.gallery_, n_neighbors, memory=self.memory)
         return self.gallery_rows_[index], sims
 

@@ -148,8 +148,10 @@ def group_max_blocks(queries: np.ndarray, gallery: np.ndarray, groups: np.ndarra
     ``groups`` are integer codes 0..G-1 of the gallery rows, every code present: an identity's answer is its
     closest photo.
     """
-    order, starts = group_starts(np.asarray(groups))
-    ordered = np.ascontiguousarray(gallery[order])
+    groups = np.asarray(groups)
+    order, starts = group_starts(groups)
+    # A gallery already stored by group (KNNRetrieval keeps it so) is used as is: no second copy of it.
+    ordered = gallery if (np.diff(groups) >= 0).all() else np.ascontiguousarray(gallery[order])
     for start, sim in similarity_blocks(queries, ordered, memory):
         yield start, np.maximum.reduceat(sim, starts, axis=1)
 
