@@ -17,6 +17,7 @@ from .neighbours import MEMORY, CosineSpace, group_max_blocks, top_k, top_k_grou
 
 TEMPERATURES = np.geomspace(1e-3, 1.0, 31)
 THRESHOLD_CANDIDATES = 256
+DEFAULT_TEMPERATURE = 0.05  # only when no out-of-fold query can score it
 
 
 def map_at_k(truth, ranked, k: int = 5) -> float:
@@ -207,7 +208,7 @@ class KNNRetrieval(ClassifierMixin, BaseEstimator):
         return {"answers": answers, "similarities": sims, "truth": truth, "truth_score": truth_score, "lse": lse}
 
     def _choose_threshold(self, oof: dict) -> float:
-        """The threshold whose "new" insertion gives the best out-of-fold MAP@k (the highest such, on a tie)."""
+        """The threshold whose "new" insertion gives the best out-of-fold MAP@k (the median of those tied)."""
         sims, answers, truth, k = oof["similarities"], oof["answers"], oof["truth"], self.k
         finite = sims[np.isfinite(sims)]
         candidates = np.unique(np.r_[np.quantile(finite, np.linspace(0, 1, THRESHOLD_CANDIDATES)) if len(finite)
@@ -225,7 +226,7 @@ class KNNRetrieval(ClassifierMixin, BaseEstimator):
             scores.append(np.where(is_new, new_score, known_score).mean())
         scores = np.asarray(scores)
         self.threshold_map_ = float(scores.max())
-        return float(candidates[np.flatnonzero(scores == scores.max())[-1]])
+        return float(np.median(candidates[scores == scores.max()]))
 
     def _choose_temperature(self, oof: dict) -> float:
         """The softmax temperature with the lowest out-of-fold log loss of the correct answer."""
@@ -233,14 +234,18 @@ class KNNRetrieval(ClassifierMixin, BaseEstimator):
         if self.new_label is not None:
             # The "new" answer's score is the threshold; it joins every query's softmax.
             is_new = oof["truth"] == self.new_label
-            truth_score[is_new] = self.threshold_
-            new = np.full(len(TEMPERATURES), self.threshold_) / TEMPERATURES
-            lse = np.logaddexp(lse, new[None, :]) if np.isfinite(self.threshold_) else lse
+            truth_score[is_new] = self._new_score()
+            lse = np.logaddexp(lse, self._new_score() / TEMPERATURES[None, :])
         scorable = np.isfinite(truth_score)
-        if not scorable.any() or (self.new_label is not None and not np.isfinite(self.threshold_)):
-            return 0.05
+        if not scorable.any():  # every out-of-fold identity was absent from its gallery: nothing to fit T on
+            return DEFAULT_TEMPERATURE
         loss = (lse[scorable] - truth_score[scorable, None] / TEMPERATURES[None, :]).mean(axis=0)
         return float(TEMPERATURES[int(np.argmin(loss))])
+
+    def _new_score(self) -> float:
+        # An infinite threshold ("new" always first / never) as a finite score beyond every cosine similarity,
+        # so the softmax stays defined and its argmax still agrees with rank.
+        return float(np.clip(self.threshold_, -2.0, 2.0))
 
     # -- answering ----------------------------------------------------------------------------------------------
 
@@ -274,7 +279,7 @@ class KNNRetrieval(ClassifierMixin, BaseEstimator):
         for start, best in group_max_blocks(queries, self.gallery_, self.gallery_codes_, self.memory):
             scores[start:start + len(best), self.identity_columns_] = best
         if self.new_column_ is not None:
-            scores[:, self.new_column_] = self.threshold_
+            scores[:, self.new_column_] = self._new_score()
         return scores
 
     def predict_proba(self, X) -> np.ndarray:

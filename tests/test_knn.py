@@ -165,6 +165,11 @@ def test_new_threshold_is_chosen_inside_the_cv_and_beats_all_new():
     assert 0 < all_new < result["map"]
     no_new = cross_val_map(KNNRetrieval(), X, y, 5, cv)
     assert result["map"] > map_at_k(result["truth"], no_new["ranked"], 5)
+    # An infinite threshold ranks "new" first and keeps the probabilities finite, their argmax "new" too.
+    always = KNNRetrieval(new_label="new", threshold=np.inf, temperature=0.1).fit(X, y)
+    assert (always.rank(X[:5])[:, 0] == "new").all() and (always.predict(X[:5]) == "new").all()
+    proba = always.predict_proba(X[:5])
+    assert np.isfinite(proba).all() and (always.classes_[proba.argmax(axis=1)] == "new").all()
     # Fixed threshold and temperature: nothing chosen, no out-of-fold search.
     fixed = KNNRetrieval(new_label="new", threshold=0.5, temperature=0.1).fit(X, y)
     assert (fixed.threshold_, fixed.temperature_) == (0.5, 0.1) and not hasattr(fixed, "oof_")
