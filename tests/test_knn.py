@@ -201,3 +201,21 @@ def test_top_k_groups_counts_an_identity_once():
     assert codes.shape == (5, 3) and all(len(set(row)) == 3 for row in codes.tolist())
     np.testing.assert_array_equal(codes[:, 0], groups[:5])
     np.testing.assert_allclose(sims[:, 0], 1, atol=1e-6)
+
+
+def test_top_k_peak_memory_grows_with_the_gallery_not_the_queries():
+    import tracemalloc
+
+    def peak(queries, gallery):
+        tracemalloc.start()
+        top_k(queries, gallery, 5, memory=16 * len(gallery) * 8)  # 8 queries per block
+        size = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return size
+
+    gallery = unit_rows(_rows(4000, d=8, seed=13))
+    few, many = unit_rows(_rows(16, d=8, seed=14)), unit_rows(_rows(1600, d=8, seed=15))
+    blocks = 16 * len(gallery) * 8
+    outputs = len(many) * 5 * 12  # the answers themselves: int64 index + float32 similarity per neighbour
+    assert peak(many, gallery) < peak(few, gallery) + outputs + blocks // 4
+    assert peak(few, gallery) < 1.5 * blocks  # one block of temporaries, not queries x gallery
