@@ -27,8 +27,9 @@ MAX_BLOCK = 4096
 def unit_rows(x, copy: bool = True) -> np.ndarray:
     """Rows as float32 unit vectors (a zero row stays zero: similarity 0 to everything)."""
     x = check_array(x, dtype=np.float32, copy=copy)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x /= np.maximum(norms, 1e-12)
+    # einsum sums the squares row by row without a gallery-sized temporary (np.linalg.norm squares a full copy).
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    x /= np.maximum(norms, 1e-12)[:, None]
     return x
 
 
