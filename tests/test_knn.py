@@ -119,6 +119,10 @@ def test_identity_folds_hold_out_whole_identities_and_keep_others_known():
         new_seen += (answers == "new").sum()
         known_seen += (answers != "new").sum()
     assert new_seen and known_seen
+    # Few identities, one of them large and held out whole: no empty fold is handed out, and fit still works.
+    lopsided = np.array(["a"] * 8 + ["b", "c"], object)
+    assert all(len(test) for _, test in IdentityKFold(5, holdout_share=1.0).split(None, lopsided))
+    KNNRetrieval(new_label="new", holdout_share=1.0).fit(_rows(10, d=4, seed=16), lopsided)
     labels, counts = np.unique(y[y != "new"], return_counts=True)
     whole = [lab for lab in labels if len(set(fold[y == lab])) == 1]
     assert set(labels[counts == 1]) <= set(whole)  # a single photo is held out whole, so its answer is "new"
