@@ -17,8 +17,8 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_array, check_is_fitted
 
 # Bytes of temporaries per query block: the float32 similarity block plus argpartition's int64 indices and a mask,
-# 16 bytes per (query, gallery) pair. 128 MiB keeps a 100k gallery at 80 queries per block, enough rows for BLAS to
-# run at full speed (measured: benchmarks/bench_knn.py).
+# 16 bytes per (query, gallery) pair. 128 MiB keeps a 100k gallery at 83 queries per block; with it the 100k x 2048
+# search ran at 1.3-1.6x scikit-learn's brute force (BENCHMARKS.md, benchmarks/bench_knn.py).
 MEMORY = 128 * 2 ** 20
 BYTES_PER_PAIR = 16
 MAX_BLOCK = 4096
