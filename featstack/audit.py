@@ -98,8 +98,8 @@ def _run_folder(run: str | Path | None, models_dir: str | Path) -> RunPaths:
 
 
 def _load_run_features(run: RunPaths) -> tuple[dict, FeatureSet]:
-    from .stack import read_run_json
-    config = read_run_json(run.config_json)
+    from .stack import RUN_CONFIG_KEYS, read_run_json
+    config = read_run_json(run.config_json, {**RUN_CONFIG_KEYS, "features_dir": str})
     features_dir = Path(config["features_dir"])
     if not features_dir.is_dir():
         raise FeatstackError(f"{run.config_json}: its feature store {features_dir} no longer exists; restore it or "

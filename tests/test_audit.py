@@ -274,6 +274,24 @@ def test_audit_md_retrain_command_runs_as_written(flipped, tmp_path, monkeypatch
     assert len(runs) == 2  # the new run beside the audited one, under the same models folder
 
 
+@pytest.mark.parametrize("key", ["backbones", "features_dir", "feature_files"])
+def test_a_run_config_without_what_the_audit_needs_is_one_line(flipped, tmp_path, key, capsys):
+    """Issue #30: a config.json without backbones was a traceback in audit.py (predict.py already said one line)."""
+    import json
+    run = tmp_path / "models" / flipped["run"].name
+    shutil.copytree(flipped["run"], run)
+    config = json.loads((run / "config.json").read_text())
+    del config[key]
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit) as exit_info:
+        audit_command.main(["--run", str(run)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(rf"config.json: damaged or unreadable \(no '{key}' \w+\); remove the run "
+                                       r"folder .* and rerun stack.py", err[0]), err
+    assert not (run / "audit").exists()
+
+
 @pytest.mark.parametrize("args, match", [
     (["--top", "0"], r"--top 0: must be at least 1"),
     (["--threshold", "1.5"], r"--threshold 1.5: a cosine similarity above 0 and at most 1"),
