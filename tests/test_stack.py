@@ -245,3 +245,11 @@ def test_list_shows_what_makes_runs_comparable(tmp_path, store, capsys):
     assert table.loc["plain", "labels"] == "abcdef01" and table.loc["excl", "labels"] == excl[:8]
     assert table.loc["plain", "cv_estimate"] == "nested" and table.loc["excl", "cv_estimate"] == "optimistic"
     assert "not comparable" in capsys.readouterr().out
+
+
+def test_help_recommends_stack_for_a_final_submission(capsys):
+    """Issue #32: the default is the quick loop (logreg); --help says which model to submit."""
+    with pytest.raises(SystemExit):
+        stack_main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default logreg: the quick loop to rerun). For a final submission use stack" in text

@@ -21,7 +21,10 @@ def main(argv=None, prog=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--features", help="required unless --list: a dataset folder under features/, e.g. features/demo")
     p.add_argument("--backbones", default=None, help="comma-separated backbones (default: every cached one)")
-    p.add_argument("--model", default="logreg", help="logreg|lgbm|stack|avg|blend (default logreg)")
+    p.add_argument("--model", default="logreg",
+                   help="logreg|lgbm|stack|avg|blend (default logreg: the quick loop to rerun). For a final "
+                        "submission use stack: it beat its best member and logreg in every measurement "
+                        "(BENCHMARKS.md), at 2-4x logreg's time")
     p.add_argument("--level2", default="pool",
                    help="stack's level-2 model: pool (log-linear pooling of the members: a non-negative weight per "
                         "member), logreg (a full logistic regression on the members' log-probabilities, its C "
