@@ -290,6 +290,30 @@ def test_run_folder_without_the_sha256_loads_with_a_warning(run, capsys):
     assert "records no sha256 of model.joblib" in capsys.readouterr().err
 
 
+def test_model_file_that_is_a_pipe_or_device_is_refused_not_read_for_ever(run, tmp_path):
+    import threading
+
+    from featstack.predict import check_model_file
+    config = json.loads((run / "config.json").read_text())
+    (run / "model.joblib").unlink()
+    os.mkfifo(run / "model.joblib")  # hashing it would block for ever (a link to /dev/zero would read for ever)
+    raised = []
+
+    def check():
+        try:
+            check_model_file(run, config)
+        except FeatstackError as exc:
+            raised.append(str(exc))
+    t = threading.Thread(target=check, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # release the blocked open so the thread ends
+        os.close(os.open(run / "model.joblib", os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        pytest.fail("check_model_file blocked on a named pipe")
+    assert raised and "model.joblib: not a regular file; rebuild the run with: stack.py" in raised[0], raised
+
+
 # --- #30: the run-folder tracebacks, each one line -------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["label", "id"])
