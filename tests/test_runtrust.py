@@ -414,3 +414,18 @@ def test_hex_base64_of_the_whole_file_bearer_and_ansi_split_secrets_are_redacted
     for what in forms:
         assert f"{what}: ***" in shown, shown
     assert re.sub(r"\x1b\[[0-9;]*m", "", shown).endswith("key: *** and ***"), shown  # the colours may stay
+
+
+def test_a_key_inside_a_longer_base64_blob_is_redacted_at_any_offset(tmp_path, monkeypatch):
+    user, key = "bob", "0123456789abcdef0123456789abcdef"
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path))
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "kaggle.json").write_text(json.dumps({"username": user, "key": key}) + "\n")
+    compact = json.dumps({"username": user, "key": key}, separators=(",", ":")).encode()  # the key at byte 25
+    blobs = [base64.b64encode(b) for b in (compact, b"x" + key.encode() + b"yz", b"xy" + key.encode() + b"!")]
+    blobs.append(base64.urlsafe_b64encode(b"Authorization: Basic " + key.encode()))
+    for blob in blobs:
+        shown = redact(blob.decode())
+        assert "***" in shown and len(shown) < len(blob) - 20, (blob, shown)
+    assert redact("an ordinary line: eyJ1c2Vy and abcdef") == "an ordinary line: eyJ1c2Vy and abcdef"
