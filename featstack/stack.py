@@ -279,7 +279,8 @@ def runs_table(models_dir: str | Path = MODELS_DIR, dataset: str | None = None) 
             continue
         config = read_run_json(rep.parent / "config.json") if (rep.parent / "config.json").exists() else {}
         try:
-            rows.append(_run_row(r, config))
+            # The folder's name, not the report's run_id: a copied or renamed run is listed by what --run takes.
+            rows.append({**_run_row(r, config), "id": rep.parent.name})
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FeatstackError(f"{rep}: damaged ({type(exc).__name__} {str(exc)[:60]}: not a report stack.py "
                                  f"wrote); remove the run folder {rep.parent} and rerun stack.py to rebuild it, "

@@ -429,3 +429,10 @@ def test_a_key_inside_a_longer_base64_blob_is_redacted_at_any_offset(tmp_path, m
         shown = redact(blob.decode())
         assert "***" in shown and len(shown) < len(blob) - 20, (blob, shown)
     assert redact("an ordinary line: eyJ1c2Vy and abcdef") == "an ordinary line: eyJ1c2Vy and abcdef"
+
+
+def test_list_names_a_copied_run_by_its_folder_which_is_what_run_takes(run, tmp_path, capsys):
+    import shutil
+    shutil.copytree(run, run.parent / "r-copy")
+    table = list_runs(run.parent)
+    assert sorted(table["id"]) == ["r", "r-copy"], table
