@@ -436,3 +436,13 @@ def test_list_names_a_copied_run_by_its_folder_which_is_what_run_takes(run, tmp_
     shutil.copytree(run, run.parent / "r-copy")
     table = list_runs(run.parent)
     assert sorted(table["id"]) == ["r", "r-copy"], table
+
+
+@pytest.mark.parametrize("kind", ["folder", "device"])
+def test_sample_naming_a_folder_or_device_says_so_not_no_such_file(tmp_path, capsys, kind):
+    run = make_run(tmp_path / "run", ["1", "2"], ["cat", "dog"], "cats-dogs")
+    sample = tmp_path if kind == "folder" else "/dev/null"
+    code, _, err = run_main(submit_command.main, ["--run", run, "--sample", sample, "--submissions-dir",
+                                                  tmp_path / "subs"], capsys)
+    assert code == 2 and err == f"error: --sample {sample}: not a regular file; pass the competition's " \
+                                "sample_submission.csv\n", err
