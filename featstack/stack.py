@@ -72,6 +72,10 @@ def run_stack(features: str | Path, *, backbones: list[str] | None = None, model
     C = M.parse_C(C)
     if folds < 2:
         raise FeatstackError(f"--folds {folds}: needs at least 2")
+    if run_id is not None and (run_id != Path(run_id).name or run_id.startswith(".") or "\\" in run_id):
+        # "../x" wrote outside --models-dir, "a/b" and ".x" were runs that --list and the newest-run default skip
+        raise FeatstackError(f"--run-id {run_id!r}: must be one folder name (no / or \\, not starting with a dot); "
+                             "pass a plain name such as cd-stack-1")
     t0 = time.perf_counter()
     fs = load_features(features, backbones, allow_missing)
     load_seconds = time.perf_counter() - t0

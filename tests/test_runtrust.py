@@ -446,3 +446,13 @@ def test_sample_naming_a_folder_or_device_says_so_not_no_such_file(tmp_path, cap
                                                   tmp_path / "subs"], capsys)
     assert code == 2 and err == f"error: --sample {sample}: not a regular file; pass the competition's " \
                                 "sample_submission.csv\n", err
+
+
+@pytest.mark.parametrize("run_id", ["../escape", "a/b", ".hidden", "..", "a\\b"])
+def test_a_run_id_that_is_not_one_plain_folder_name_is_refused(store, tmp_path, capsys, run_id):
+    models = tmp_path / "deep" / "m"
+    code, _, err = run_main(stack_command.main, ["--features", store.root, "--models-dir", models, "--run-id", run_id],
+                            capsys)
+    assert code == 2 and err.startswith(f"error: --run-id {run_id!r}: must be one folder name") and \
+        len(err.splitlines()) == 1, err
+    assert not (tmp_path / "deep" / "escape").exists() and not models.exists()
