@@ -68,6 +68,14 @@ def _encoded_forms(value: str | bytes) -> list[str]:
     for encode in (base64.b64encode, base64.urlsafe_b64encode):
         text = encode(raw).decode()
         out += [text, text.rstrip("=")]
+        # Inside a longer encoded blob (the credentials re-serialised compactly, a header with other text before the
+        # key) the value starts at any byte offset, and base64 spells it differently at each offset modulo 3: the
+        # groups made of its bytes alone are the same whatever surrounds it, so those cores are redacted too.
+        for shift in range(3):
+            groups = (shift + len(raw)) // 3
+            core = encode(bytes(shift) + raw).decode()[4 if shift else 0:4 * groups]
+            if len(core) >= 16:  # shorter runs of base64 letters turn up in ordinary text
+                out.append(core)
     return out
 
 

@@ -401,6 +401,11 @@ def read_layout(data: str | Path, layout: str = "auto") -> tuple[pd.DataFrame, s
     if detected:
         layout = detect_layout(data, files)
     if layout == "manifest":
+        if data.is_dir() and not (data / "manifest.csv").is_file():
+            raise FeatstackError(f"{data}: --layout manifest needs manifest.csv (columns path,label[,split]) in the "
+                                 "folder, or --data naming the manifest CSV itself, and there is none; add it, or "
+                                 f"leave --layout out: auto-detection is the default (--layout auto)"
+                                 f"{_detected_hint(data, files)}")
         table = read_manifest(data if data.is_file() else data / "manifest.csv")
     else:
         readers = {"dog-breed": read_dog_breed, "cats-dogs": read_cats_dogs, "stanford-dogs": read_stanford_dogs,

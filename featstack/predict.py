@@ -95,6 +95,9 @@ def check_model_file(run: Path, config: dict) -> None:
         print(f"warning: {run / 'config.json'} records no sha256 of model.joblib (a run from before featstack "
               "recorded it): loaded unchecked; rerun stack.py to have it checked", file=sys.stderr)
         return
+    if path.exists() and not path.is_file():
+        # a device or named pipe (e.g. a link to /dev/zero) would be hashed for ever instead of refused
+        raise FeatstackError(f"{path}: not a regular file; rebuild the run with: {rebuild_run_command(config)}")
     try:
         sha = sha256_of(path)
     except OSError as exc:

@@ -253,4 +253,10 @@ def read_dataset_meta(paths: DatasetPaths) -> dict:
         raise FeatstackError(f"{where}: cannot read it ({exc.strerror or exc})") from None
     if not isinstance(meta, dict):
         raise FeatstackError(f"{where}: line 1: not a JSON object ({type(meta).__name__}); {fix}")
+    # Every extraction writes these; without them the split check read "--holdout None" and stack.py recorded no
+    # layout, so submit.py's auto format fell back to generic on a cats-dogs or dog-breed dataset.
+    missing = [k for k in ("layout", "holdout", "seed") if k not in meta]
+    if missing:
+        raise FeatstackError(f"{where}: no {', '.join(repr(k) for k in missing)} (not what extract_features.py "
+                             f"writes); {fix}")
     return meta

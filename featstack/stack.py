@@ -72,6 +72,10 @@ def run_stack(features: str | Path, *, backbones: list[str] | None = None, model
     C = M.parse_C(C)
     if folds < 2:
         raise FeatstackError(f"--folds {folds}: needs at least 2")
+    if run_id is not None and (run_id != Path(run_id).name or run_id.startswith(".") or "\\" in run_id):
+        # "../x" wrote outside --models-dir, "a/b" and ".x" were runs that --list and the newest-run default skip
+        raise FeatstackError(f"--run-id {run_id!r}: must be one folder name (no / or \\, not starting with a dot); "
+                             "pass a plain name such as cd-stack-1")
     t0 = time.perf_counter()
     fs = load_features(features, backbones, allow_missing)
     load_seconds = time.perf_counter() - t0
@@ -279,7 +283,8 @@ def runs_table(models_dir: str | Path = MODELS_DIR, dataset: str | None = None) 
             continue
         config = read_run_json(rep.parent / "config.json") if (rep.parent / "config.json").exists() else {}
         try:
-            rows.append(_run_row(r, config))
+            # The folder's name, not the report's run_id: a copied or renamed run is listed by what --run takes.
+            rows.append({**_run_row(r, config), "id": rep.parent.name})
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise FeatstackError(f"{rep}: damaged ({type(exc).__name__} {str(exc)[:60]}: not a report stack.py "
                                  f"wrote); remove the run folder {rep.parent} and rerun stack.py to rebuild it, "

@@ -591,6 +591,9 @@ def writer_lock(paths: DatasetPaths):
 STAT_COLUMNS = ["path", "size", "mtime_ns", "sha256"]
 
 
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
 def photo_content(paths: DatasetPaths, table, threads: int = 1) -> tuple[dict[str, str], set[str]]:
     """The sha256 of each photo's bytes, by id, and the ids whose bytes changed since the last run recorded them.
 
@@ -603,8 +606,10 @@ def photo_content(paths: DatasetPaths, table, threads: int = 1) -> tuple[dict[st
     try:
         known = pd.read_csv(paths.photo_stats_csv, dtype={"path": str, "size": "int64", "mtime_ns": "int64",
                                                           "sha256": str}, keep_default_na=False)
-        known = dict(zip(known["path"].tolist(), zip(known["size"].tolist(), known["mtime_ns"].tolist(),
-                                                     known["sha256"].tolist())))
+        # A row whose sha256 is not 64 hex digits (a hand edit, a damaged record) is not trusted: that photo is
+        # hashed afresh, or a made-up value would be stored as its content and the photo counted as changed.
+        known = {p: (size, mtime, sha) for p, size, mtime, sha in zip(*(known[c].tolist() for c in STAT_COLUMNS))
+                 if SHA256_HEX.fullmatch(sha)}
     except (OSError, ValueError, KeyError):
         known = {}
     ids = table["id"].astype(str).tolist()

@@ -196,7 +196,8 @@ def build(run: Path, fmt: str = "auto", sample: str | Path | None = None, clip: 
     recorded = meta.get("sample_submission")
     sample_path = Path(sample) if sample else (Path(recorded) if recorded else None)
     if sample and not sample_path.is_file():
-        raise FeatstackError(f"--sample {sample}: no such file")
+        what = "not a regular file" if sample_path.exists() else "no such file"  # a folder, a device, a pipe
+        raise FeatstackError(f"--sample {sample}: {what}; pass the competition's sample_submission.csv")
     sample_frame = read_sample(sample_path, bool(sample)) if sample_path and sample_path.is_file() else None
     check_fit(run, fmt, explicit, labels, meta, classes, sample_frame, sample_path, force)
     expected, source = expected_test_ids(run, config, sample_frame, sample_path)

@@ -63,6 +63,8 @@ def test_a_good_split_csv_reads_as_before(paths):
     ('{"name": "ds",\n "classes": [1,]\n}', r"dataset\.json: line 2: invalid JSON \(.*\); restore it"),
     ("[1, 2]", r"dataset\.json: line 1: not a JSON object \(list\)"),
     (b"\xff\xfe{}", r"dataset\.json: not UTF-8 text"),
+    ('{"name": "ds", "seed": 0}', r"dataset\.json: no 'layout', 'holdout' \(not what extract_features\.py writes\); "
+                                  r"restore it"),
 ])
 def test_dataset_json_is_read_strictly(paths, text, match):
     paths.dataset_json.write_bytes(text if isinstance(text, bytes) else text.encode())

@@ -230,6 +230,15 @@ def test_dog_breed_without_labels_csv_says_what_is_missing(cats_dogs):
         "the cats-dogs layout")
 
 
+def test_manifest_layout_on_a_folder_without_manifest_csv_says_what_is_missing(cats_dogs):
+    with pytest.raises(FeatstackError) as info:
+        read_layout(cats_dogs, "manifest")
+    assert str(info.value) == (
+        f"{cats_dogs}: --layout manifest needs manifest.csv (columns path,label[,split]) in the folder, or --data "
+        "naming the manifest CSV itself, and there is none; add it, or leave --layout out: auto-detection is the "
+        "default (--layout auto), which would read this folder as the cats-dogs layout")
+
+
 # --- #28: a folder is never a class unless the layout says so -------------------------------------------------------
 
 def _plant_seedlings(tmp_path):

@@ -290,6 +290,30 @@ def test_run_folder_without_the_sha256_loads_with_a_warning(run, capsys):
     assert "records no sha256 of model.joblib" in capsys.readouterr().err
 
 
+def test_model_file_that_is_a_pipe_or_device_is_refused_not_read_for_ever(run, tmp_path):
+    import threading
+
+    from featstack.predict import check_model_file
+    config = json.loads((run / "config.json").read_text())
+    (run / "model.joblib").unlink()
+    os.mkfifo(run / "model.joblib")  # hashing it would block for ever (a link to /dev/zero would read for ever)
+    raised = []
+
+    def check():
+        try:
+            check_model_file(run, config)
+        except FeatstackError as exc:
+            raised.append(str(exc))
+    t = threading.Thread(target=check, daemon=True)
+    t.start()
+    t.join(5)
+    if t.is_alive():  # release the blocked open so the thread ends
+        os.close(os.open(run / "model.joblib", os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5)
+        pytest.fail("check_model_file blocked on a named pipe")
+    assert raised and "model.joblib: not a regular file; rebuild the run with: stack.py" in raised[0], raised
+
+
 # --- #30: the run-folder tracebacks, each one line -------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["label", "id"])
@@ -390,3 +414,45 @@ def test_hex_base64_of_the_whole_file_bearer_and_ansi_split_secrets_are_redacted
     for what in forms:
         assert f"{what}: ***" in shown, shown
     assert re.sub(r"\x1b\[[0-9;]*m", "", shown).endswith("key: *** and ***"), shown  # the colours may stay
+
+
+def test_a_key_inside_a_longer_base64_blob_is_redacted_at_any_offset(tmp_path, monkeypatch):
+    user, key = "bob", "0123456789abcdef0123456789abcdef"
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path))
+    for name in ("KAGGLE_USERNAME", "KAGGLE_KEY", "KAGGLE_API_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "kaggle.json").write_text(json.dumps({"username": user, "key": key}) + "\n")
+    compact = json.dumps({"username": user, "key": key}, separators=(",", ":")).encode()  # the key at byte 25
+    blobs = [base64.b64encode(b) for b in (compact, b"x" + key.encode() + b"yz", b"xy" + key.encode() + b"!")]
+    blobs.append(base64.urlsafe_b64encode(b"Authorization: Basic " + key.encode()))
+    for blob in blobs:
+        shown = redact(blob.decode())
+        assert "***" in shown and len(shown) < len(blob) - 20, (blob, shown)
+    assert redact("an ordinary line: eyJ1c2Vy and abcdef") == "an ordinary line: eyJ1c2Vy and abcdef"
+
+
+def test_list_names_a_copied_run_by_its_folder_which_is_what_run_takes(run, tmp_path, capsys):
+    import shutil
+    shutil.copytree(run, run.parent / "r-copy")
+    table = list_runs(run.parent)
+    assert sorted(table["id"]) == ["r", "r-copy"], table
+
+
+@pytest.mark.parametrize("kind", ["folder", "device"])
+def test_sample_naming_a_folder_or_device_says_so_not_no_such_file(tmp_path, capsys, kind):
+    run = make_run(tmp_path / "run", ["1", "2"], ["cat", "dog"], "cats-dogs")
+    sample = tmp_path if kind == "folder" else "/dev/null"
+    code, _, err = run_main(submit_command.main, ["--run", run, "--sample", sample, "--submissions-dir",
+                                                  tmp_path / "subs"], capsys)
+    assert code == 2 and err == f"error: --sample {sample}: not a regular file; pass the competition's " \
+                                "sample_submission.csv\n", err
+
+
+@pytest.mark.parametrize("run_id", ["../escape", "a/b", ".hidden", "..", "a\\b"])
+def test_a_run_id_that_is_not_one_plain_folder_name_is_refused(store, tmp_path, capsys, run_id):
+    models = tmp_path / "deep" / "m"
+    code, _, err = run_main(stack_command.main, ["--features", store.root, "--models-dir", models, "--run-id", run_id],
+                            capsys)
+    assert code == 2 and err.startswith(f"error: --run-id {run_id!r}: must be one folder name") and \
+        len(err.splitlines()) == 1, err
+    assert not (tmp_path / "deep" / "escape").exists() and not models.exists()

@@ -277,3 +277,17 @@ def test_extraction_warns_when_it_adds_one_kind_of_weights_to_a_store_of_the_oth
     assert warnings == [f"warning: adding random-weight features ({random_stem}) to {paths.root}, which holds "
                         "trained-weight features; stack.py refuses to mix the two, so stack each kind on its own: "
                         f"--backbones {random_stem} (random weights) or --backbones {trained_stem} (trained weights)"]
+
+
+@pytest.mark.parametrize("recorded", ["87c3df", "", "Z" * 64])
+def test_a_damaged_sha256_in_photo_stats_is_hashed_afresh_not_stored_as_the_content(tmp_path, recorded):
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(b"the photo's bytes")
+    paths = DatasetPaths(tmp_path / "store")
+    paths.root.mkdir()
+    st = os.stat(photo)
+    # size and time match, so before the fix the recorded value was taken as the photo's sha256 unread
+    pd.DataFrame([(str(photo), st.st_size, st.st_mtime_ns, recorded)], columns=store.STAT_COLUMNS).to_csv(
+        paths.photo_stats_csv, index=False)
+    content, changed = store.photo_content(paths, pd.DataFrame({"id": ["a"], "path": [str(photo)]}))
+    assert content == {"a": hashlib.sha256(b"the photo's bytes").hexdigest()} and changed == set()
